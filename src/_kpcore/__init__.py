@@ -1,0 +1,27 @@
+"""KernelPort's compiled core: shared-memory segments, doorbells and lanes of batch slots."""
+
+from _kpcore.core import (
+    CONTROL,
+    DOORBELL_BYTES,
+    LANE_DEAD,
+    LANE_LIVE,
+    LANE_RETIRED,
+    MAX_TENSORS,
+    NONE,
+    Doorbell,
+    Lane,
+    LaneAbandoned,
+    LaneDead,
+    LaneError,
+    LaneRetired,
+    LaneTimeout,
+    Segment,
+    next_batch,
+    now_ns,
+)
+
+__all__ = [
+    "CONTROL", "DOORBELL_BYTES", "LANE_DEAD", "LANE_LIVE", "LANE_RETIRED", "MAX_TENSORS", "NONE",
+    "Doorbell", "Lane", "LaneAbandoned", "LaneDead", "LaneError", "LaneRetired", "LaneTimeout",
+    "Segment", "next_batch", "now_ns",
+]

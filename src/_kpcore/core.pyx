@@ -1,0 +1,426 @@
+# cython: language_level=3
+"""Shared-memory segments, doorbells and lanes of batch slots (see include/kp_lane.h).
+
+Python owns policy; this module owns the atomics, the waits (with the GIL released) and the bounds
+checks. Every number handed in from outside is checked before it reaches the C protocol.
+"""
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo
+from libc.errno cimport errno
+from libc.stdint cimport int32_t, uint32_t, uint64_t
+from libc.string cimport strerror
+
+import os
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    int memfd_create(const char *name, unsigned int flags)
+    int PROT_READ
+    int PROT_WRITE
+    int MAP_SHARED
+    void *MAP_FAILED
+    unsigned int MFD_CLOEXEC
+    unsigned int MFD_ALLOW_SEALING
+
+cdef extern from "<fcntl.h>" nogil:
+    int fcntl(int fd, int cmd, ...)
+    int posix_fallocate(int fd, long offset, long len)
+    int F_ADD_SEALS
+    int F_GET_SEALS
+    int F_SEAL_SHRINK
+    int F_SEAL_GROW
+    int F_SEAL_SEAL
+
+cdef extern from "<unistd.h>" nogil:
+    int ftruncate(int fd, long length)
+    int close(int fd)
+    int dup(int fd)
+
+cdef extern from "<sys/stat.h>" nogil:
+    struct stat:
+        long st_size
+    int fstat(int fd, stat *buf)
+
+
+class LaneError(Exception):
+    """Base of the lane protocol's failures."""
+
+
+class LaneTimeout(LaneError):
+    pass
+
+
+class LaneDead(LaneError):
+    """The lane's worker is gone or the lane was closed."""
+
+
+class LaneAbandoned(LaneError):
+    """The worker gave up on this request (it was not committed within the commit timeout)."""
+
+
+class LaneRetired(LaneError):
+    """The lane takes no new claims; ask the server for a new lane."""
+
+
+LANE_LIVE = KP_LANE_LIVE
+LANE_RETIRED = KP_LANE_RETIRED
+LANE_DEAD = KP_LANE_DEAD
+MAX_TENSORS = KP_MAX_TENSORS
+
+cdef inline uint64_t _deadline(double timeout) nogil:
+    if timeout < 0:
+        timeout = 0
+    if timeout > 1e8:
+        timeout = 1e8
+    return kp_now_ns() + <uint64_t>(timeout * 1e9)
+
+
+cdef int _raise(int rc) except -1:
+    if rc == KP_E_TIMEOUT:
+        raise LaneTimeout("timed out")
+    if rc == KP_E_DEAD:
+        raise LaneDead("lane is closed")
+    if rc == KP_E_ABANDONED:
+        raise LaneAbandoned("request was abandoned")
+    if rc == KP_E_RETIRED:
+        raise LaneRetired("lane is retired")
+    if rc == KP_E_INVALID:
+        raise ValueError("row range out of bounds")
+    raise LaneError(f"lane error {rc}")
+
+
+def now_ns():
+    """CLOCK_MONOTONIC in nanoseconds: the clock every lane timestamp uses."""
+    return kp_now_ns()
+
+
+cdef class Segment:
+    """A shared-memory segment: a sealed memfd mapped shared.
+
+    `Segment.create(size)` allocates the whole size up front (posix_fallocate), so a full tmpfs fails
+    here with the size in the message instead of a SIGBUS later; it then seals the size, so no
+    process it is handed to can shrink it under the others. `Segment.from_fd` maps one received
+    over a unix socket after checking its real size. The mapping lives as long as any view of it.
+    """
+
+    def __cinit__(self):
+        self.fd = -1
+        self.base = NULL
+        self.size = 0
+        self.exports = 0
+
+    @staticmethod
+    def create(Py_ssize_t size, str name="kernelport"):
+        if size <= 0 or size > (1 << 46):
+            raise ValueError(f"segment size out of range: {size}")
+        cdef bytes bname = name.encode()[:200]
+        cdef int fd = memfd_create(bname, MFD_CLOEXEC | MFD_ALLOW_SEALING)
+        if fd < 0:
+            raise OSError(errno, f"cannot create a shared segment: {strerror(errno).decode()}")
+        cdef int rc
+        if ftruncate(fd, size) != 0:
+            err = errno
+            close(fd)
+            raise OSError(err, f"cannot size a shared segment of {size} bytes: {strerror(err).decode()}")
+        with nogil:
+            rc = posix_fallocate(fd, 0, size)
+        if rc != 0:
+            close(fd)
+            raise MemoryError(
+                f"cannot reserve {size} bytes of shared memory ({strerror(rc).decode()}); "
+                f"free some or enlarge the shared-memory filesystem")
+        if fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0:
+            err = errno
+            close(fd)
+            raise OSError(err, f"cannot seal a shared segment: {strerror(err).decode()}")
+        cdef Segment seg = Segment.__new__(Segment)
+        seg._map(fd, size, True)
+        return seg
+
+    @staticmethod
+    def from_fd(int fd, Py_ssize_t size, bint writable=True):
+        """Map a received segment. Takes ownership of `fd`. Refuses one smaller than `size` or whose
+        size is not sealed (it could shrink under us)."""
+        cdef stat st
+        if fstat(fd, &st) != 0:
+            err = errno
+            close(fd)
+            raise OSError(err, "cannot inspect a received segment")
+        if size <= 0 or st.st_size < size:
+            close(fd)
+            raise ValueError(f"received segment is smaller ({st.st_size}) than announced ({size})")
+        cdef int seals = fcntl(fd, F_GET_SEALS)
+        if seals < 0 or not (seals & F_SEAL_SHRINK):
+            close(fd)
+            raise ValueError("received segment is not sealed against shrinking")
+        cdef Segment seg = Segment.__new__(Segment)
+        seg._map(fd, size, writable)
+        return seg
+
+    def _map(self, int fd, Py_ssize_t size, bint writable):
+        cdef int prot = PROT_READ | (PROT_WRITE if writable else 0)
+        cdef void *p = mmap(NULL, size, prot, MAP_SHARED, fd, 0)
+        if p == MAP_FAILED:
+            err = errno
+            close(fd)
+            raise OSError(err, f"cannot map a shared segment of {size} bytes: {strerror(err).decode()}")
+        self.fd = fd
+        self.base = <char *>p
+        self.size = size
+        self.writable = writable
+
+    def dup_fd(self):
+        """A new descriptor of this segment, to hand to another process."""
+        if self.fd < 0:
+            raise ValueError("segment is closed")
+        return os.dup(self.fd)
+
+    def close_fd(self):
+        """Drop the descriptor; the mapping stays until the last view is gone."""
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    @property
+    def address(self):
+        return <size_t>self.base
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        if self.base == NULL:
+            raise ValueError("segment is not mapped")
+        if (flags & PyBUF_WRITABLE) and not self.writable:
+            raise BufferError("segment is read-only")
+        PyBuffer_FillInfo(buf, self, self.base, self.size, 0 if self.writable else 1, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buf):
+        self.exports -= 1
+
+    def __dealloc__(self):
+        # Reached only when no view holds us (each view keeps a reference to its exporter).
+        if self.base != NULL:
+            munmap(self.base, self.size)
+            self.base = NULL
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+
+DOORBELL_BYTES = 4096
+
+
+cdef class Doorbell:
+    """The futex a model's workers sleep on; every commit rings it."""
+
+    def __cinit__(self, Segment seg, bint init=False):
+        if seg.size < 128:
+            raise ValueError("doorbell segment too small")
+        self.seg = seg
+        self.db = <kp_doorbell *>seg.base
+        if init:
+            kp_doorbell_init(self.db)
+        elif self.db.magic != 0x3142444c504b:
+            raise ValueError("not a doorbell segment")
+
+    @property
+    def segment(self):
+        return self.seg
+
+    def ring(self):
+        kp_ring(self.db)
+
+    def ring_control(self):
+        """Tell the workers a control message waits: next_batch returns CONTROL at once."""
+        kp_ring_control(self.db)
+
+
+cdef class Lane:
+    """One lane: a ring of `nslots` batch slots of `max_batch` rows of every tensor."""
+
+    def __cinit__(self, Segment seg, Doorbell bell, uint32_t nslots, uint32_t max_batch, row_bytes,
+                  bint init=False):
+        cdef uint64_t rb[32]
+        n = len(row_bytes)
+        if n == 0 or n > KP_MAX_TENSORS:
+            raise ValueError(f"a lane holds 1 to {KP_MAX_TENSORS} tensors, got {n}")
+        for i in range(n):
+            v = int(row_bytes[i])
+            if v < 0:
+                raise ValueError("negative row size")
+            rb[i] = v
+        if kp_lane_layout(&self.layout, nslots, max_batch, n, rb) != KP_OK:
+            raise ValueError("lane layout out of range")
+        if <uint64_t>seg.size < self.layout.total_size:
+            raise ValueError(f"segment of {seg.size} bytes is smaller than the lane ({self.layout.total_size})")
+        self.seg = seg
+        self.bell = bell
+        self.h = <kp_lane_hdr *>seg.base
+        if init:
+            kp_lane_init(self.h, &self.layout)
+        elif not kp_lane_matches(self.h, &self.layout, seg.size):
+            raise ValueError("lane header does not match its announced layout")
+        self.spin.pause_iters = 2000
+        self.spin.yield_ns = 50000
+
+    @staticmethod
+    def required_size(uint32_t nslots, uint32_t max_batch, row_bytes):
+        cdef kp_lane_hdr tmp
+        cdef uint64_t rb[32]
+        n = len(row_bytes)
+        if n == 0 or n > KP_MAX_TENSORS:
+            raise ValueError(f"a lane holds 1 to {KP_MAX_TENSORS} tensors, got {n}")
+        for i in range(n):
+            rb[i] = int(row_bytes[i])
+        if kp_lane_layout(&tmp, nslots, max_batch, n, rb) != KP_OK:
+            raise ValueError("lane layout out of range")
+        return tmp.total_size
+
+    @property
+    def segment(self):
+        return self.seg
+
+    @property
+    def nslots(self):
+        return self.layout.nslots
+
+    @property
+    def max_batch(self):
+        return self.layout.max_batch
+
+    def set_spin(self, uint32_t pause_iters, double yield_seconds):
+        """How long a waiting client stays awake before it sleeps (pauses, then yields)."""
+        self.spin.pause_iters = pause_iters
+        self.spin.yield_ns = <uint64_t>(max(0.0, yield_seconds) * 1e9)
+
+    def tensor_offset(self, uint64_t seq, uint32_t tensor):
+        """Byte offset in the segment of `tensor`'s row 0 in the slot serving `seq`."""
+        if tensor >= self.layout.ntensors:
+            raise IndexError("tensor index out of range")
+        return (self.layout.data_off + (seq % self.layout.nslots) * self.layout.slot_data_stride
+                + self.layout.tensor_off[tensor])
+
+    def slot_offsets(self, uint32_t slot):
+        """Byte offsets of every tensor's row 0 in slot `slot`."""
+        if slot >= self.layout.nslots:
+            raise IndexError("slot index out of range")
+        base = self.layout.data_off + slot * self.layout.slot_data_stride
+        return [base + self.layout.tensor_off[i] for i in range(self.layout.ntensors)]
+
+    # ---- client side ----
+
+    def claim(self, uint32_t nrows, uint32_t owner, double timeout):
+        """Claim `nrows` consecutive rows of the open slot; returns (seq, row)."""
+        cdef uint64_t seq = 0
+        cdef uint32_t row = 0
+        cdef int rc
+        cdef uint64_t deadline = _deadline(timeout)
+        with nogil:
+            rc = kp_claim(self.h, self.bell.db, nrows, owner, deadline, &self.spin, &seq, &row)
+        if rc != KP_OK:
+            _raise(rc)
+        return seq, row
+
+    def commit(self, uint64_t seq, uint32_t row, uint32_t nrows, uint32_t owner):
+        cdef int rc = kp_commit(self.h, self.bell.db, seq, row, nrows, owner)
+        if rc != KP_OK:
+            _raise(rc)
+
+    def wait(self, uint64_t seq, double timeout):
+        """Wait for the batch holding `seq`; returns its status (0 ok, else the backend failed)."""
+        cdef int rc
+        cdef uint64_t deadline = _deadline(timeout)
+        with nogil:
+            rc = kp_wait_done(self.h, seq, deadline, &self.spin)
+        if rc < 0:
+            _raise(rc)
+        return rc
+
+    def commit_and_wait(self, uint64_t seq, uint32_t row, uint32_t nrows, uint32_t owner, double timeout):
+        """commit() then wait(), in one call: the common path of a request."""
+        cdef int rc
+        cdef uint64_t deadline = _deadline(timeout)
+        with nogil:
+            rc = kp_commit(self.h, self.bell.db, seq, row, nrows, owner)
+            if rc == KP_OK:
+                rc = kp_wait_done(self.h, seq, deadline, &self.spin)
+        if rc < 0:
+            _raise(rc)
+        return rc
+
+    def release(self, uint64_t seq, uint32_t row, uint32_t nrows, uint32_t owner):
+        cdef int rc = kp_release(self.h, self.bell.db, seq, row, nrows, owner)
+        if rc != KP_OK:
+            _raise(rc)
+
+    def error_message(self, uint64_t seq):
+        cdef kp_slot_hdr *s = kp_slot(self.h, seq)
+        cdef bytes raw = s.errmsg[:KP_ERRMSG_BYTES - 1]
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    # ---- server side ----
+
+    def reclaim(self, uint32_t owner):
+        """Give back every row a gone client held; returns how many requests it had."""
+        return kp_reclaim_owner(self.h, self.bell.db, owner)
+
+    def set_status(self, uint32_t status):
+        if status not in (KP_LANE_LIVE, KP_LANE_RETIRED, KP_LANE_DEAD):
+            raise ValueError("unknown lane status")
+        kp_lane_set_status(self.h, status)
+
+    @property
+    def status(self):
+        return self.h.status
+
+    def counters(self):
+        c = self.h.counters
+        return {
+            "claims": c.claims, "batches": c.batches, "rows": c.rows,
+            "client_sleeps": c.client_sleeps, "worker_sleeps": c.worker_sleeps,
+            "commit_timeouts": c.commit_timeouts, "full_waits": c.full_waits,
+            "abandoned_rows": c.abandoned_rows, "failed_batches": c.failed_batches,
+        }
+
+    # ---- worker side ----
+
+    def complete(self, uint64_t seq, int32_t status=0, str message=""):
+        cdef bytes msg = message.encode("utf-8", "replace")[:KP_ERRMSG_BYTES - 1]
+        kp_complete(self.h, seq, status, msg)
+
+
+NONE = KP_NONE
+CONTROL = KP_CONTROL
+
+
+def next_batch(list lanes, Doorbell bell, double window, uint32_t close_at, double commit_timeout,
+               double max_wait, uint32_t pause_iters=2000, double idle_spin=0.0002):
+    """The worker's wait for work across its lanes.
+
+    Returns (lane_index, seq, nrows) for a taken batch whose rows are all committed (or abandoned
+    after `commit_timeout`), NONE after `max_wait` seconds with nothing to run, or CONTROL when the
+    server rang for a control message.
+    """
+    cdef kp_lane_hdr *hs[64]
+    cdef uint32_t n = len(lanes)
+    if n > 64:
+        raise ValueError("a worker serves at most 64 lanes")
+    cdef Lane lane
+    for i in range(n):
+        lane = lanes[i]
+        hs[i] = lane.h
+    cdef kp_batch_policy p
+    p.window_ns = <uint64_t>(max(0.0, window) * 1e9)
+    p.close_at = close_at
+    p.commit_timeout_ns = <uint64_t>(max(0.0, commit_timeout) * 1e9)
+    p.max_wait_ns = <uint64_t>(max(0.0, max_wait) * 1e9)
+    p.spin.pause_iters = pause_iters
+    p.spin.yield_ns = <uint64_t>(max(0.0, idle_spin) * 1e9)
+    cdef uint32_t li = 0
+    cdef uint64_t seq = 0
+    cdef uint32_t nrows = 0
+    cdef int rc
+    with nogil:
+        rc = kp_next_batch(hs, n, bell.db, &p, &li, &seq, &nrows)
+    if rc == KP_OK:
+        return (li, seq, nrows)
+    return rc

@@ -1,0 +1,592 @@
+/* Lanes of batch slots: the lock-free claim / commit / take / done / release protocol.
+ *
+ * A lane is one shared segment: a header, `nslots` slot headers and `nslots` slot data areas. A slot's
+ * data area holds `max_batch` contiguous rows of every tensor (inputs, then outputs), so a taken
+ * slot is the batch tensor the backend reads. Where that memory lives (host shared memory, pinned,
+ * device) is not this file's business: it only ever touches headers.
+ *
+ * Sequence numbers: the lane hands out slots in order of a 64-bit sequence q; slot q % nslots serves
+ * q, and its `word` carries q's low 32 bits as the generation. A slot is reset for q + nslots only
+ * when every row of q has been released and the worker has finished it, so a stale client (one
+ * holding an old q) can never match a reused slot.
+ *
+ * Row words: (owner << 32) | state, on the first row of each request; `row_len` holds the request's
+ * row count. Owner ids are never reused, so a compare-and-swap on (owner, state) cannot hit a row
+ * that was since claimed by someone else.
+ *
+ * No pointers and no Python objects live in the segment; every count read from it is clamped.
+ */
+#ifndef KP_LANE_H
+#define KP_LANE_H
+
+#include <string.h>
+
+#include "kp_atomic.h"
+
+#define KP_LANE_MAGIC 0x314e414c504bULL /* "KPLAN1" */
+#define KP_DOORBELL_MAGIC 0x3142444c504bULL
+#define KP_LAYOUT_VERSION 1u
+#define KP_MAX_TENSORS 32
+#define KP_ERRMSG_BYTES 240
+#define KP_CLOSED_BIT 0x80000000ull
+#define KP_COUNT_MASK 0x7fffffffull
+#define KP_DONE_UNIT 0x80000000u /* the worker's share of `released` */
+#define KP_MAX_PREFERRED 8
+
+/* return codes (negative: failures a caller maps to errors) */
+#define KP_OK 0
+#define KP_E_TIMEOUT (-1)
+#define KP_E_DEAD (-2)      /* lane's worker is gone or the lane was closed */
+#define KP_E_ABANDONED (-3) /* the worker gave up waiting for this request's commit */
+#define KP_E_INVALID (-4)   /* bad argument (row range, size) */
+#define KP_E_RETIRED (-5)   /* the lane takes no new claims: ask the server for a new one */
+#define KP_NONE 1           /* next_batch: nothing to run before max_wait */
+#define KP_CONTROL 2        /* next_batch: the server rang for a control message */
+
+enum { KP_ROW_EMPTY = 0, KP_ROW_CLAIMED = 1, KP_ROW_COMMITTED = 2, KP_ROW_ABANDONED = 3, KP_ROW_RELEASED = 4 };
+enum { KP_SLOT_OPEN = 0, KP_SLOT_TAKEN = 1, KP_SLOT_DONE = 2 };
+enum { KP_LANE_LIVE = 0, KP_LANE_RETIRED = 1, KP_LANE_DEAD = 2 };
+
+typedef struct {
+    kp_a64 claims;
+    kp_a64 batches;
+    kp_a64 rows;
+    kp_a64 client_sleeps;
+    kp_a64 worker_sleeps;
+    kp_a64 commit_timeouts;
+    kp_a64 full_waits;
+    kp_a64 abandoned_rows;
+    kp_a64 failed_batches;
+} kp_counters;
+
+typedef struct {
+    uint64_t magic;
+    uint32_t layout_version;
+    uint32_t nslots;
+    uint32_t max_batch;
+    uint32_t ntensors;
+    uint64_t total_size;
+    uint64_t slot_hdr_off;
+    uint64_t slot_hdr_stride;
+    uint64_t data_off;
+    uint64_t slot_data_stride;
+    uint64_t row_bytes[KP_MAX_TENSORS];
+    uint64_t tensor_off[KP_MAX_TENSORS]; /* within one slot's data area */
+    _Alignas(64) kp_a64 open_seq;        /* the slot claimers fill */
+    _Alignas(64) kp_a64 run_seq;         /* the next slot a worker takes */
+    _Alignas(64) kp_a32 free_seq;        /* futex: bumped whenever a slot is reset */
+    kp_a32 free_waiters;
+    kp_a32 status;
+    _Alignas(64) kp_counters counters;
+} kp_lane_hdr;
+
+typedef struct {
+    kp_a64 word; /* gen:32 | closed:1 | count:31 */
+    kp_a64 first_claim_ns;
+    kp_a32 committed; /* rows committed or abandoned */
+    kp_a32 released;  /* rows released or abandoned, + KP_DONE_UNIT when the worker is done */
+    kp_a32 state;     /* futex: OPEN, TAKEN, DONE */
+    kp_a32 waiters;
+    uint32_t nrows; /* rows in the batch, set when taken */
+    int32_t batch_status;
+    char errmsg[KP_ERRMSG_BYTES];
+    /* followed by max_batch x kp_a64 row words, then max_batch x uint32_t row_len */
+} kp_slot_hdr;
+
+typedef struct {
+    uint64_t magic;
+    _Alignas(64) kp_a32 bell; /* futex: bumped by every commit and control message */
+    kp_a32 sleepers;
+    kp_a32 control;
+    kp_a32 status;
+} kp_doorbell;
+
+typedef struct {
+    uint32_t pause_iters; /* busy pauses before yielding (a few microseconds) */
+    uint64_t yield_ns;    /* then sched_yield() until this long has passed, then sleep */
+} kp_spin;
+
+typedef struct {
+    uint64_t window_ns;
+    uint32_t close_at; /* close as soon as this many rows are claimed (largest preferred size, or max) */
+    uint64_t commit_timeout_ns;
+    uint64_t max_wait_ns;
+    kp_spin spin;
+} kp_batch_policy;
+
+/* ---- layout ---------------------------------------------------------------------------------- */
+
+static inline uint64_t kp_round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+/* Fill the layout fields of `h` (not yet in shared memory). Returns 0, or KP_E_INVALID when the
+ * numbers overflow or are out of range. */
+static inline int kp_lane_layout(kp_lane_hdr *h, uint32_t nslots, uint32_t max_batch, uint32_t ntensors,
+                                 const uint64_t *row_bytes) {
+    if (nslots == 0 || nslots > 4096 || max_batch == 0 || max_batch > 65536 || ntensors == 0 ||
+        ntensors > KP_MAX_TENSORS)
+        return KP_E_INVALID;
+    memset(h, 0, sizeof(*h));
+    h->magic = KP_LANE_MAGIC;
+    h->layout_version = KP_LAYOUT_VERSION;
+    h->nslots = nslots;
+    h->max_batch = max_batch;
+    h->ntensors = ntensors;
+    h->slot_hdr_off = kp_round_up(sizeof(kp_lane_hdr), 64);
+    h->slot_hdr_stride = kp_round_up(sizeof(kp_slot_hdr) + (uint64_t)max_batch * 12u, 64);
+    h->data_off = kp_round_up(h->slot_hdr_off + (uint64_t)nslots * h->slot_hdr_stride, 4096);
+    uint64_t off = 0;
+    for (uint32_t i = 0; i < ntensors; i++) {
+        uint64_t rb = row_bytes[i];
+        if (rb > (1ull << 40)) return KP_E_INVALID;
+        uint64_t block = rb * max_batch; /* < 2^57: no overflow */
+        h->row_bytes[i] = rb;
+        h->tensor_off[i] = off;
+        off = kp_round_up(off + block, 64);
+        if (off > (1ull << 58)) return KP_E_INVALID;
+    }
+    h->slot_data_stride = kp_round_up(off == 0 ? 64 : off, 4096);
+    if (h->slot_data_stride > (1ull << 58) / nslots) return KP_E_INVALID;
+    h->total_size = h->data_off + (uint64_t)nslots * h->slot_data_stride;
+    return KP_OK;
+}
+
+static inline kp_slot_hdr *kp_slot(kp_lane_hdr *h, uint64_t seq) {
+    return (kp_slot_hdr *)((char *)h + h->slot_hdr_off + (seq % h->nslots) * h->slot_hdr_stride);
+}
+static inline kp_a64 *kp_row_words(kp_lane_hdr *h, kp_slot_hdr *s) {
+    (void)h;
+    return (kp_a64 *)((char *)s + sizeof(kp_slot_hdr));
+}
+static inline uint32_t *kp_row_lens(kp_lane_hdr *h, kp_slot_hdr *s) {
+    return (uint32_t *)((char *)s + sizeof(kp_slot_hdr) + (uint64_t)h->max_batch * 8u);
+}
+static inline uint32_t kp_gen(uint64_t w) { return (uint32_t)(w >> 32); }
+static inline uint32_t kp_count(uint64_t w) { return (uint32_t)(w & KP_COUNT_MASK); }
+static inline int kp_closed(uint64_t w) { return (w & KP_CLOSED_BIT) != 0; }
+static inline uint64_t kp_row(uint32_t owner, uint32_t state) { return ((uint64_t)owner << 32) | state; }
+
+/* Initialise a lane in shared memory; `layout` was filled by kp_lane_layout. */
+static inline void kp_lane_init(kp_lane_hdr *h, const kp_lane_hdr *layout) {
+    memcpy(h, layout, sizeof(*h));
+    for (uint32_t i = 0; i < h->nslots; i++) {
+        kp_slot_hdr *s = kp_slot(h, i);
+        memset(s, 0, h->slot_hdr_stride);
+        atomic_store_explicit(&s->word, (uint64_t)i << 32, KP_RELAXED);
+    }
+    atomic_store_explicit(&h->open_seq, 0, KP_RELAXED);
+    atomic_store_explicit(&h->run_seq, 0, KP_RELAXED);
+    atomic_store_explicit(&h->status, KP_LANE_LIVE, KP_RELEASE);
+}
+
+/* A mapped lane is usable only if its header agrees with the layout its mapper was told. */
+static inline int kp_lane_matches(const kp_lane_hdr *h, const kp_lane_hdr *expected, uint64_t mapped_size) {
+    if (h->magic != KP_LANE_MAGIC || h->layout_version != KP_LAYOUT_VERSION) return 0;
+    if (expected->total_size > mapped_size) return 0;
+    return h->nslots == expected->nslots && h->max_batch == expected->max_batch &&
+           h->ntensors == expected->ntensors && h->total_size == expected->total_size &&
+           h->slot_hdr_off == expected->slot_hdr_off && h->slot_hdr_stride == expected->slot_hdr_stride &&
+           h->data_off == expected->data_off && h->slot_data_stride == expected->slot_data_stride &&
+           memcmp(h->row_bytes, expected->row_bytes, sizeof(h->row_bytes)) == 0 &&
+           memcmp(h->tensor_off, expected->tensor_off, sizeof(h->tensor_off)) == 0;
+}
+
+/* ---- waiting ------------------------------------------------------------------------------------ */
+
+/* Wait until *word != seen, or *status != 0, or the deadline. Spins first (pause, then yield), then
+ * sleeps on the futex in slices so a status change is noticed even without a wake. `waiters` is
+ * incremented while asleep so wakers can skip the syscall when nobody sleeps.
+ * Returns KP_OK (changed), KP_E_TIMEOUT, or KP_E_DEAD. */
+static inline int kp_wait_word(kp_a32 *word, uint32_t seen, kp_a32 *waiters, kp_a32 *status,
+                               uint64_t deadline_ns, const kp_spin *spin, kp_a64 *sleep_counter) {
+    for (uint32_t i = 0; i < spin->pause_iters; i++) {
+        if (atomic_load_explicit(word, KP_ACQUIRE) != seen) return KP_OK;
+        kp_cpu_relax();
+    }
+    uint64_t start = kp_now_ns();
+    uint64_t yield_until = start + spin->yield_ns;
+    for (;;) {
+        if (atomic_load_explicit(word, KP_ACQUIRE) != seen) return KP_OK;
+        if (status && atomic_load_explicit(status, KP_ACQUIRE) == KP_LANE_DEAD) return KP_E_DEAD;
+        uint64_t now = kp_now_ns();
+        if (now >= deadline_ns) return KP_E_TIMEOUT;
+        if (now < yield_until) {
+            sched_yield();
+            continue;
+        }
+        /* sleep: announce, re-check (seq_cst pairs with the waker's bump-then-load), then wait */
+        atomic_fetch_add_explicit(waiters, 1, KP_SEQ_CST);
+        if (atomic_load_explicit(word, KP_SEQ_CST) == seen) {
+            uint64_t left = deadline_ns - now;
+            if (left > 50000000ull) left = 50000000ull; /* re-check status at least every 50 ms */
+            if (sleep_counter) atomic_fetch_add_explicit(sleep_counter, 1, KP_RELAXED);
+            kp_futex_wait(word, seen, left);
+        }
+        atomic_fetch_sub_explicit(waiters, 1, KP_SEQ_CST);
+    }
+}
+
+static inline void kp_doorbell_init(kp_doorbell *d) {
+    memset(d, 0, sizeof(*d));
+    d->magic = KP_DOORBELL_MAGIC;
+}
+
+static inline void kp_ring(kp_doorbell *d) {
+    atomic_fetch_add_explicit(&d->bell, 1, KP_SEQ_CST);
+    if (atomic_load_explicit(&d->sleepers, KP_SEQ_CST) != 0) kp_futex_wake(&d->bell, 1);
+}
+
+static inline void kp_ring_control(kp_doorbell *d) {
+    atomic_store_explicit(&d->control, 1, KP_SEQ_CST);
+    atomic_fetch_add_explicit(&d->bell, 1, KP_SEQ_CST);
+    kp_futex_wake_all(&d->bell);
+}
+
+/* ---- reset and release ---------------------------------------------------------------------------- */
+
+static inline void kp_slot_reset(kp_lane_hdr *h, kp_slot_hdr *s) {
+    uint32_t gen = kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE));
+    kp_a64 *rows = kp_row_words(h, s);
+    uint32_t *lens = kp_row_lens(h, s);
+    for (uint32_t r = 0; r < h->max_batch; r++) {
+        atomic_store_explicit(&rows[r], 0, KP_RELAXED);
+        lens[r] = 0;
+    }
+    atomic_store_explicit(&s->first_claim_ns, 0, KP_RELAXED);
+    atomic_store_explicit(&s->committed, 0, KP_RELAXED);
+    atomic_store_explicit(&s->released, 0, KP_RELAXED);
+    s->nrows = 0;
+    s->batch_status = 0;
+    s->errmsg[0] = 0;
+    atomic_store_explicit(&s->state, KP_SLOT_OPEN, KP_RELAXED);
+    /* release: publishes every store above to the claimer that sees the new generation */
+    atomic_store_explicit(&s->word, (uint64_t)(uint32_t)(gen + h->nslots) << 32, KP_RELEASE);
+    atomic_fetch_add_explicit(&h->free_seq, 1, KP_SEQ_CST);
+    if (atomic_load_explicit(&h->free_waiters, KP_SEQ_CST) != 0) kp_futex_wake_all(&h->free_seq);
+}
+
+/* Count `n` units as released; whoever completes the slot (all rows and the worker) resets it. */
+static inline void kp_add_released(kp_lane_hdr *h, kp_slot_hdr *s, uint32_t n) {
+    uint32_t now = atomic_fetch_add_explicit(&s->released, n, KP_ACQ_REL) + n;
+    if (now == KP_DONE_UNIT + s->nrows) kp_slot_reset(h, s);
+}
+
+/* ---- client side ---------------------------------------------------------------------------------- */
+
+/* Claim `n` consecutive rows in the open slot. On success *seq and *row say where. */
+static inline int kp_claim(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint32_t owner, uint64_t deadline_ns,
+                           const kp_spin *spin, uint64_t *seq_out, uint32_t *row_out) {
+    if (n == 0 || n > h->max_batch || owner == 0) return KP_E_INVALID;
+    for (;;) {
+        uint32_t st = atomic_load_explicit(&h->status, KP_ACQUIRE);
+        if (st == KP_LANE_DEAD) return KP_E_DEAD;
+        if (st == KP_LANE_RETIRED) return KP_E_RETIRED;
+        uint64_t q = atomic_load_explicit(&h->open_seq, KP_ACQUIRE);
+        kp_slot_hdr *s = kp_slot(h, q);
+        uint64_t w = atomic_load_explicit(&s->word, KP_ACQUIRE);
+        if (kp_gen(w) != (uint32_t)q) {
+            if (atomic_load_explicit(&h->open_seq, KP_ACQUIRE) != q) continue;
+            /* every slot is busy: back-pressure until one is reset */
+            uint32_t fs = atomic_load_explicit(&h->free_seq, KP_ACQUIRE);
+            if (kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)) == (uint32_t)q) continue;
+            atomic_fetch_add_explicit(&h->counters.full_waits, 1, KP_RELAXED);
+            int rc = kp_wait_word(&h->free_seq, fs, &h->free_waiters, &h->status, deadline_ns, spin,
+                                  &h->counters.client_sleeps);
+            if (rc != KP_OK) return rc;
+            continue;
+        }
+        uint32_t c = kp_count(w);
+        if (kp_closed(w) || c + n > h->max_batch) {
+            /* this request does not fit: seal the slot (the worker takes it now) and move on */
+            if (!kp_closed(w) && !atomic_compare_exchange_weak_explicit(&s->word, &w, w | KP_CLOSED_BIT,
+                                                                        KP_ACQ_REL, KP_ACQUIRE))
+                continue;
+            uint64_t expect = q;
+            if (atomic_compare_exchange_strong_explicit(&h->open_seq, &expect, q + 1, KP_ACQ_REL, KP_ACQUIRE))
+                kp_ring(d);
+            continue;
+        }
+        uint64_t nw = w + n;
+        if (c + n == h->max_batch) nw |= KP_CLOSED_BIT;
+        if (!atomic_compare_exchange_weak_explicit(&s->word, &w, nw, KP_ACQ_REL, KP_ACQUIRE)) continue;
+        if (c == 0) {
+            uint64_t zero = 0;
+            atomic_compare_exchange_strong_explicit(&s->first_claim_ns, &zero, kp_now_ns(), KP_RELAXED,
+                                                    KP_RELAXED);
+        }
+        kp_row_lens(h, s)[c] = n;
+        uint64_t empty = kp_row(0, KP_ROW_EMPTY);
+        if (!atomic_compare_exchange_strong_explicit(&kp_row_words(h, s)[c], &empty,
+                                                     kp_row(owner, KP_ROW_CLAIMED), KP_ACQ_REL, KP_ACQUIRE))
+            continue; /* the worker already gave these rows up (only after a commit timeout): claim again */
+        if (nw & KP_CLOSED_BIT) {
+            uint64_t expect = q;
+            atomic_compare_exchange_strong_explicit(&h->open_seq, &expect, q + 1, KP_ACQ_REL, KP_ACQUIRE);
+        }
+        atomic_fetch_add_explicit(&h->counters.claims, 1, KP_RELAXED);
+        *seq_out = q;
+        *row_out = c;
+        return KP_OK;
+    }
+}
+
+static inline int kp_check_claim(kp_lane_hdr *h, uint64_t seq, uint32_t row, uint32_t n) {
+    if (n == 0 || row >= h->max_batch || n > h->max_batch - row) return KP_E_INVALID;
+    if (kp_gen(atomic_load_explicit(&kp_slot(h, seq)->word, KP_ACQUIRE)) != (uint32_t)seq) return KP_E_ABANDONED;
+    return KP_OK;
+}
+
+/* Publish the rows' inputs to the worker. */
+static inline int kp_commit(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint32_t row, uint32_t n,
+                            uint32_t owner) {
+    int rc = kp_check_claim(h, seq, row, n);
+    if (rc != KP_OK) return rc;
+    kp_slot_hdr *s = kp_slot(h, seq);
+    /* A batch that already ran did so without these rows (the worker waits for every row it does
+     * not abandon, and abandoning makes the CAS below fail); checked first, since once we commit
+     * the batch may finish at any moment. */
+    if (atomic_load_explicit(&s->state, KP_ACQUIRE) == KP_SLOT_DONE) return KP_E_ABANDONED;
+    uint64_t expect = kp_row(owner, KP_ROW_CLAIMED);
+    /* release: the input bytes written into the rows happen-before the worker's acquire of this word */
+    if (!atomic_compare_exchange_strong_explicit(&kp_row_words(h, s)[row], &expect,
+                                                 kp_row(owner, KP_ROW_COMMITTED), KP_ACQ_REL, KP_ACQUIRE))
+        return KP_E_ABANDONED;
+    atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
+    kp_ring(d);
+    return KP_OK;
+}
+
+/* Wait until the slot holding `seq` is done. Returns the batch status (0 ok, >0 backend failure) or
+ * a negative KP_E_* code. */
+static inline int kp_wait_done(kp_lane_hdr *h, uint64_t seq, uint64_t deadline_ns, const kp_spin *spin) {
+    kp_slot_hdr *s = kp_slot(h, seq);
+    for (;;) {
+        if (kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)) != (uint32_t)seq) return KP_E_ABANDONED;
+        uint32_t st = atomic_load_explicit(&s->state, KP_ACQUIRE);
+        if (st == KP_SLOT_DONE) return s->batch_status;
+        int rc = kp_wait_word(&s->state, st, &s->waiters, &h->status, deadline_ns, spin, &h->counters.client_sleeps);
+        if (rc == KP_E_TIMEOUT || rc == KP_E_DEAD) return rc;
+    }
+}
+
+/* Give the rows back: after reading outputs, or to cancel a claim that was never committed. */
+static inline int kp_release(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint32_t row, uint32_t n, uint32_t owner) {
+    int rc = kp_check_claim(h, seq, row, n);
+    if (rc != KP_OK) return rc;
+    kp_slot_hdr *s = kp_slot(h, seq);
+    kp_a64 *rw = &kp_row_words(h, s)[row];
+    uint64_t expect = kp_row(owner, KP_ROW_COMMITTED);
+    if (atomic_compare_exchange_strong_explicit(rw, &expect, kp_row(owner, KP_ROW_RELEASED), KP_ACQ_REL,
+                                                KP_ACQUIRE)) {
+        kp_add_released(h, s, n);
+        return KP_OK;
+    }
+    expect = kp_row(owner, KP_ROW_CLAIMED);
+    if (atomic_compare_exchange_strong_explicit(rw, &expect, kp_row(owner, KP_ROW_ABANDONED), KP_ACQ_REL,
+                                                KP_ACQUIRE)) {
+        atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
+        kp_ring(d);
+        kp_add_released(h, s, n);
+        return KP_OK;
+    }
+    return KP_E_ABANDONED;
+}
+
+/* Server side: give back every row a gone client held. Returns the number of requests reclaimed. */
+static inline uint32_t kp_reclaim_owner(kp_lane_hdr *h, kp_doorbell *d, uint32_t owner) {
+    uint32_t found = 0;
+    for (uint32_t i = 0; i < h->nslots; i++) {
+        kp_slot_hdr *s = kp_slot(h, i);
+        kp_a64 *rows = kp_row_words(h, s);
+        uint32_t *lens = kp_row_lens(h, s);
+        for (uint32_t r = 0; r < h->max_batch; r++) {
+            uint64_t w = atomic_load_explicit(&rows[r], KP_ACQUIRE);
+            if ((uint32_t)(w >> 32) != owner) continue;
+            uint32_t n = lens[r];
+            if (n == 0 || n > h->max_batch - r) n = 1;
+            uint32_t st = (uint32_t)(w & 0xff);
+            if (st == KP_ROW_CLAIMED &&
+                atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row(owner, KP_ROW_ABANDONED), KP_ACQ_REL,
+                                                        KP_ACQUIRE)) {
+                atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
+                atomic_fetch_add_explicit(&h->counters.abandoned_rows, n, KP_RELAXED);
+                kp_ring(d);
+                kp_add_released(h, s, n);
+                found++;
+            } else if (st == KP_ROW_COMMITTED &&
+                       atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row(owner, KP_ROW_RELEASED),
+                                                               KP_ACQ_REL, KP_ACQUIRE)) {
+                kp_add_released(h, s, n);
+                found++;
+            }
+        }
+    }
+    return found;
+}
+
+/* ---- worker side ------------------------------------------------------------------------------------ */
+
+/* After the commit timeout: give up on every row of the batch that was never committed. */
+static inline void kp_abandon_uncommitted(kp_lane_hdr *h, kp_slot_hdr *s, uint32_t c) {
+    kp_a64 *rows = kp_row_words(h, s);
+    uint32_t *lens = kp_row_lens(h, s);
+    uint32_t r = 0;
+    while (r < c) {
+        uint64_t w = atomic_load_explicit(&rows[r], KP_ACQUIRE);
+        uint32_t st = (uint32_t)(w & 0xff);
+        uint32_t n = lens[r];
+        if (n == 0 || n > c - r) n = 1;
+        if (st == KP_ROW_EMPTY) {
+            if (!atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row(0, KP_ROW_ABANDONED), KP_ACQ_REL,
+                                                         KP_ACQUIRE))
+                continue; /* the claimer just marked it: look again */
+            n = 1;
+        } else if (st == KP_ROW_CLAIMED) {
+            if (!atomic_compare_exchange_strong_explicit(&rows[r], &w, (w & ~0xffull) | KP_ROW_ABANDONED,
+                                                         KP_ACQ_REL, KP_ACQUIRE))
+                continue;
+        } else {
+            r += n;
+            continue;
+        }
+        atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
+        atomic_fetch_add_explicit(&h->counters.abandoned_rows, n, KP_RELAXED);
+        kp_add_released(h, s, n); /* cannot complete the slot: the worker's unit is not in yet */
+        r += n;
+    }
+}
+
+/* Take the batch at run_seq of lane `h` if it is ready by `policy`. Returns 1 and fills *seq and *nrows
+ * when taken; 0 otherwise, lowering *next_deadline when the window is still open. */
+static inline int kp_try_take(kp_lane_hdr *h, const kp_batch_policy *p, uint64_t now, uint64_t *next_deadline,
+                              uint64_t *seq_out, uint32_t *nrows_out) {
+    if (atomic_load_explicit(&h->status, KP_ACQUIRE) == KP_LANE_DEAD) return 0;
+    uint64_t q = atomic_load_explicit(&h->run_seq, KP_ACQUIRE);
+    kp_slot_hdr *s = kp_slot(h, q);
+    uint64_t w = atomic_load_explicit(&s->word, KP_ACQUIRE);
+    if (kp_gen(w) != (uint32_t)q || kp_count(w) == 0) return 0;
+    if (!kp_closed(w)) {
+        uint64_t fc = atomic_load_explicit(&s->first_claim_ns, KP_RELAXED);
+        if (fc == 0) {
+            uint64_t zero = 0;
+            if (!atomic_compare_exchange_strong_explicit(&s->first_claim_ns, &zero, now, KP_RELAXED, KP_RELAXED))
+                fc = zero;
+            else
+                fc = now;
+        }
+        uint32_t c = kp_count(w);
+        int ready = c >= p->close_at || c >= h->max_batch || now >= fc + p->window_ns;
+        if (!ready) {
+            if (fc + p->window_ns < *next_deadline) *next_deadline = fc + p->window_ns;
+            return 0;
+        }
+        while (!kp_closed(w)) {
+            if (atomic_compare_exchange_weak_explicit(&s->word, &w, w | KP_CLOSED_BIT, KP_ACQ_REL, KP_ACQUIRE)) break;
+        }
+        uint64_t expect = q;
+        atomic_compare_exchange_strong_explicit(&h->open_seq, &expect, q + 1, KP_ACQ_REL, KP_ACQUIRE);
+    }
+    uint64_t expect = q;
+    if (!atomic_compare_exchange_strong_explicit(&h->run_seq, &expect, q + 1, KP_ACQ_REL, KP_ACQUIRE))
+        return 0; /* another instance took it */
+    w = atomic_load_explicit(&s->word, KP_ACQUIRE);
+    uint32_t c = kp_count(w);
+    if (c > h->max_batch) c = h->max_batch;
+    s->nrows = c;
+    atomic_store_explicit(&s->state, KP_SLOT_TAKEN, KP_RELEASE);
+    *seq_out = q;
+    *nrows_out = c;
+    return 1;
+}
+
+/* Wait (spinning, then on the doorbell) until every row of the taken batch is committed or the commit
+ * timeout passes; then abandon what is missing. */
+static inline void kp_await_commits(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint32_t c, const kp_batch_policy *p) {
+    kp_slot_hdr *s = kp_slot(h, seq);
+    uint64_t deadline = kp_now_ns() + p->commit_timeout_ns;
+    while (atomic_load_explicit(&s->committed, KP_ACQUIRE) < c) {
+        uint32_t bell = atomic_load_explicit(&d->bell, KP_ACQUIRE);
+        if (atomic_load_explicit(&s->committed, KP_ACQUIRE) >= c) break;
+        int rc = kp_wait_word(&d->bell, bell, &d->sleepers, NULL, deadline, &p->spin, &h->counters.worker_sleeps);
+        if (rc == KP_E_TIMEOUT) {
+            atomic_fetch_add_explicit(&h->counters.commit_timeouts, 1, KP_RELAXED);
+            kp_abandon_uncommitted(h, s, c);
+            break;
+        }
+    }
+    atomic_thread_fence(KP_ACQUIRE); /* pairs with each committer's release: the input rows are visible */
+}
+
+/* The worker's wait: returns KP_OK with a taken, fully committed batch in (*lane_out, *seq_out,
+ * *nrows_out); KP_NONE after max_wait with nothing to do; KP_CONTROL when the server rang for a
+ * control message (the flag is cleared). */
+static inline int kp_next_batch(kp_lane_hdr **lanes, uint32_t nlanes, kp_doorbell *d, const kp_batch_policy *p,
+                                uint32_t *lane_out, uint64_t *seq_out, uint32_t *nrows_out) {
+    uint64_t start = kp_now_ns();
+    uint64_t give_up = start + p->max_wait_ns;
+    uint64_t yield_until = start + p->spin.yield_ns;
+    uint32_t pauses = 0;
+    for (;;) {
+        uint32_t bell = atomic_load_explicit(&d->bell, KP_SEQ_CST);
+        if (atomic_exchange_explicit(&d->control, 0, KP_ACQ_REL) != 0) return KP_CONTROL;
+        uint64_t now = kp_now_ns();
+        uint64_t next_deadline = UINT64_MAX;
+        for (uint32_t i = 0; i < nlanes; i++) {
+            uint64_t q;
+            uint32_t c;
+            if (kp_try_take(lanes[i], p, now, &next_deadline, &q, &c)) {
+                kp_await_commits(lanes[i], d, q, c, p);
+                atomic_fetch_add_explicit(&lanes[i]->counters.batches, 1, KP_RELAXED);
+                atomic_fetch_add_explicit(&lanes[i]->counters.rows, c, KP_RELAXED);
+                *lane_out = i;
+                *seq_out = q;
+                *nrows_out = c;
+                return KP_OK;
+            }
+        }
+        if (now >= give_up) return KP_NONE;
+        int soon = next_deadline != UINT64_MAX && next_deadline - now <= p->spin.yield_ns;
+        if (now < yield_until || soon) {
+            /* we were busy a moment ago, or a window closes within the spin budget: stay awake */
+            if (pauses < p->spin.pause_iters) {
+                pauses++;
+                kp_cpu_relax();
+            } else {
+                sched_yield();
+            }
+            continue;
+        }
+        uint64_t until = next_deadline < give_up ? next_deadline : give_up;
+        atomic_fetch_add_explicit(&d->sleepers, 1, KP_SEQ_CST);
+        if (atomic_load_explicit(&d->bell, KP_SEQ_CST) == bell) {
+            if (nlanes) atomic_fetch_add_explicit(&lanes[0]->counters.worker_sleeps, 1, KP_RELAXED);
+            kp_futex_wait(&d->bell, bell, until - now);
+        }
+        atomic_fetch_sub_explicit(&d->sleepers, 1, KP_SEQ_CST);
+    }
+}
+
+/* The worker finished the batch (status 0 ok): publish outputs and wake the waiting clients. */
+static inline void kp_complete(kp_lane_hdr *h, uint64_t seq, int32_t status, const char *errmsg) {
+    kp_slot_hdr *s = kp_slot(h, seq);
+    s->batch_status = status;
+    if (status != 0) {
+        atomic_fetch_add_explicit(&h->counters.failed_batches, 1, KP_RELAXED);
+        size_t n = errmsg ? strnlen(errmsg, KP_ERRMSG_BYTES - 1) : 0;
+        if (n) memcpy(s->errmsg, errmsg, n);
+        s->errmsg[n] = 0;
+    }
+    /* release: output rows and status happen-before a client's acquire of DONE */
+    atomic_store_explicit(&s->state, KP_SLOT_DONE, KP_SEQ_CST);
+    if (atomic_load_explicit(&s->waiters, KP_SEQ_CST) != 0) kp_futex_wake_all(&s->state);
+    kp_add_released(h, s, KP_DONE_UNIT);
+}
+
+/* Server side: the lane's worker is gone (or the lane closes): fail every waiter at once. */
+static inline void kp_lane_set_status(kp_lane_hdr *h, uint32_t status) {
+    atomic_store_explicit(&h->status, status, KP_SEQ_CST);
+    for (uint32_t i = 0; i < h->nslots; i++) kp_futex_wake_all(&kp_slot(h, i)->state);
+    atomic_fetch_add_explicit(&h->free_seq, 1, KP_SEQ_CST);
+    kp_futex_wake_all(&h->free_seq);
+}
+
+#endif

@@ -1,0 +1,453 @@
+"""ONNX Runtime backend: one InferenceSession, outputs written straight into the caller's arrays by I/O binding.
+
+Session options come from the model's `parameters`, with the keys of Triton's onnxruntime backend
+(default here in brackets):
+
+- ``intra_op_thread_count``: threads inside one operator, 0 lets ORT use one per core [1].
+- ``inter_op_thread_count``: threads across operators, parallel mode only [1].
+- ``execution_mode``: 0 sequential, 1 parallel [0].
+- ``graph_optimization_level``: the numbers of Triton's ``optimization { graph { level } }``, mapped as
+  Triton's onnxruntime backend maps them: -1 ORT_ENABLE_BASIC, 1 ORT_ENABLE_EXTENDED, 2 ORT_DISABLE_ALL,
+  0 (Triton's default when absent) ORT_ENABLE_ALL; the names basic, extended, all, disable work too [0].
+  Triton reads this from the config's ``optimization`` block; KernelPort's ModelSpec carries only
+  ``parameters``, so here it is a parameter.
+- ``enable_mem_arena``: the CPU memory arena, true/false/1/0/yes/no/on/off [true].
+- ``enable_mem_pattern``: memory pattern planning [true].
+- ``session.*``: passed unchanged to ``SessionOptions.add_session_config_entry`` (a KernelPort extension),
+  e.g. ``session.intra_op.allow_spinning: 0`` when more than one intra-op thread shares a small machine.
+
+The defaults favour latency on a small CPU: one intra-op thread (no thread pool to wake, no spinning threads
+competing with the batching loop), sequential execution, all graph optimizations. Other keys are ignored, as
+Triton ignores them. Only the CPU execution provider is used for now.
+
+In-place outputs: an output bound to a preallocated CPU buffer is written by ORT into that buffer. The one
+case found where it is not is an output that *is* a graph input (a pass-through): ORT then returns the
+input's own value. `bind` finds such outputs with one probe run on scratch arrays (cached per shapes) and the
+runner copies those outputs once after each run; every other output is written in place, no copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import numpy as np
+import onnxruntime as ort
+
+from kernelport.backends.base import (
+    Backend,
+    ModelSpecLike,
+    TensorSig,
+    datatype_of,
+    format_shape,
+    numpy_dtype,
+)
+from kernelport.errors import ConfigError
+
+__all__ = ["OnnxRuntimeBackend", "session_options_from_parameters"]
+
+log = logging.getLogger(__name__)
+
+# ONNX Runtime's type strings (NodeArg.type) -> KServe datatype names.
+_DATATYPE_OF_ORT: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(bfloat16)": "BF16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+_GRAPH_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    # Triton's optimization.graph.level numbers (onnxruntime_backend: -1 basic, 1 extended, 2 disable,
+    # anything else -- 0 or absent -- all).
+    "-1": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "0": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "1": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "2": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+_MODEL_FILENAME = "model.onnx"
+
+
+def _int_parameter(model: str, key: str, value: str, minimum: int) -> int:
+    try:
+        number = int(value.strip())
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise ConfigError(
+            f"model '{model}' parameter '{key}': expected an integer >= {minimum}, got '{value}'"
+        )
+    return number
+
+
+def _bool_parameter(model: str, key: str, value: str) -> bool:
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigError(f"model '{model}' parameter '{key}': expected true or false, got '{value}'")
+
+
+def session_options_from_parameters(parameters: Mapping[str, str], model: str = "") -> ort.SessionOptions:
+    """SessionOptions for a model's `parameters` (keys and defaults in this module's docstring).
+
+    Raises ConfigError naming the model and the parameter for a value it cannot use.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+    for key, raw in parameters.items():
+        value = str(raw)
+        if key == "intra_op_thread_count":
+            options.intra_op_num_threads = _int_parameter(model, key, value, 0)
+        elif key == "inter_op_thread_count":
+            options.inter_op_num_threads = _int_parameter(model, key, value, 0)
+        elif key == "execution_mode":
+            mode = value.strip()
+            if mode == "0":
+                options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            elif mode == "1":
+                options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+            else:
+                raise ConfigError(
+                    f"model '{model}' parameter '{key}': expected 0 (sequential) or 1 (parallel), got '{value}'"
+                )
+        elif key == "graph_optimization_level":
+            level = _GRAPH_LEVELS.get(value.strip().lower())
+            if level is None:
+                raise ConfigError(
+                    f"model '{model}' parameter '{key}': expected -1 (basic), 0 (all), 1 (extended) "
+                    f"or 2 (disable), got '{value}'"
+                )
+            options.graph_optimization_level = level
+        elif key == "enable_mem_arena":
+            options.enable_cpu_mem_arena = _bool_parameter(model, key, value)
+        elif key == "enable_mem_pattern":
+            options.enable_mem_pattern = _bool_parameter(model, key, value)
+        elif key.startswith("session."):
+            options.add_session_config_entry(key, value)
+    return options
+
+
+def _signature_of(node: Any) -> TensorSig:
+    datatype = _DATATYPE_OF_ORT.get(node.type)
+    if datatype is None:
+        raise ConfigError(f"tensor '{node.name}' has type {node.type}, which KernelPort cannot serve")
+    # ORT reports a symbolic dim as its name (str) and an unknown one as None: both are variable.
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+    return TensorSig(name=node.name, datatype=datatype, shape=shape)
+
+
+def _view_of(address: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A numpy view of `shape` elements at a raw address (memory owned by someone else)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buffer = memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime on the CPU execution provider, outputs written in place by I/O binding."""
+
+    def __init__(self) -> None:
+        self._session: ort.InferenceSession | None = None
+        self._model = ""
+        self._max_batch_size = 0
+        self._inputs: list[TensorSig] = []
+        self._outputs: list[TensorSig] = []
+        # (input shapes, output names) -> (expected output shapes, outputs ORT does not write in place or
+        # None when the probe failed). bind fills it; one probe run per distinct shapes.
+        self._plans: dict[tuple[Any, ...], tuple[dict[str, tuple[int, ...]], frozenset[str] | None]] = {}
+        self._copied_by_runner: WeakKeyDictionary[Callable[[], None], tuple[str, ...]] = WeakKeyDictionary()
+
+    # -- Backend ----------------------------------------------------------------------------------------
+
+    def load(self, model_path: str, spec: ModelSpecLike) -> None:
+        path = os.path.join(model_path, _MODEL_FILENAME) if os.path.isdir(model_path) else model_path
+        options = session_options_from_parameters(spec.parameters, spec.name)
+        try:
+            session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types; the message carries the reason
+            raise ConfigError(f"model '{spec.name}': onnxruntime cannot load the model: {exc}") from exc
+
+        try:
+            inputs = [_signature_of(node) for node in session.get_inputs()]
+            outputs = [_signature_of(node) for node in session.get_outputs()]
+        except ConfigError as exc:
+            raise ConfigError(f"model '{spec.name}': {exc}") from None
+        self._check_spec(spec, inputs, outputs)
+
+        self._session = session
+        self._model = spec.name
+        self._max_batch_size = int(spec.max_batch_size)
+        self._inputs, self._outputs = inputs, outputs
+        self._plans.clear()
+        log.debug("model '%s' loaded by onnxruntime %s on cpu", spec.name, ort.__version__)
+
+    def io_signature(self) -> tuple[list[TensorSig], list[TensorSig]]:
+        self._require_session()
+        return list(self._inputs), list(self._outputs)
+
+    def bind(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> Callable[[], None]:
+        session = self._require_session()
+        self._check_arrays(inputs, outputs)
+
+        input_shapes = {name: tuple(arr.shape) for name, arr in inputs.items()}
+        key = (tuple(sorted(input_shapes.items())), tuple(sorted(outputs)))
+        plan = self._plans.get(key)
+        if plan is None:
+            expected = self.output_shapes(input_shapes)
+            self._check_output_shapes(outputs, expected)
+            plan = (expected, self._probe_in_place(input_shapes, outputs))
+            self._plans[key] = plan
+        else:
+            self._check_output_shapes(outputs, plan[0])
+        not_in_place = plan[1]
+
+        binding = session.io_binding()
+        for name, arr in inputs.items():
+            binding.bind_input(name, "cpu", 0, arr.dtype.type, arr.shape, arr.ctypes.data)
+        for name, arr in outputs.items():
+            binding.bind_output(name, "cpu", 0, arr.dtype.type, arr.shape, arr.ctypes.data)
+        # The binding holds raw pointers only; the runner keeps the arrays alive.
+        keep_alive = (tuple(inputs.values()), tuple(outputs.values()))
+        run = session.run_with_iobinding
+
+        if not_in_place is not None and not not_in_place:
+
+            def run_bound(
+                run: Callable[[Any], None] = run, binding: Any = binding, _keep: Any = keep_alive
+            ) -> None:
+                run(binding)
+
+            self._copied_by_runner[run_bound] = ()
+            return run_bound
+
+        # Fallback: some output is not written in place (or the probe could not tell): after each run,
+        # copy once from wherever ORT put each such output into the caller's array.
+        names = list(outputs)
+        targets = [(i, outputs[name], outputs[name].ctypes.data) for i, name in enumerate(names)]
+        if not_in_place is not None:
+            targets = [t for t in targets if names[t[0]] in not_in_place]
+        get_outputs = binding.get_outputs
+
+        def run_bound_copying(
+            run: Callable[[Any], None] = run,
+            binding: Any = binding,
+            get_outputs: Callable[[], list[Any]] = get_outputs,
+            targets: list[tuple[int, np.ndarray, int]] = targets,
+            _keep: Any = keep_alive,
+        ) -> None:
+            run(binding)
+            values = get_outputs()
+            for index, target, address in targets:
+                value = values[index]
+                source = value.data_ptr()
+                if source != address:
+                    np.copyto(target, _view_of(source, target.dtype, target.shape))
+
+        copied = tuple(names[i] for i, _, _ in targets)
+        log.info(
+            "model '%s': onnxruntime does not write output(s) %s in place; copying them once per run",
+            self._model,
+            ", ".join(copied),
+        )
+        self._copied_by_runner[run_bound_copying] = copied
+        return run_bound_copying
+
+    def close(self) -> None:
+        self._session = None
+        self._plans.clear()
+
+    def framework_version(self) -> str:
+        return f"onnxruntime {ort.__version__}"
+
+    def device(self) -> str:
+        return "cpu"
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    def _run_unbound(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._require_session()
+        names = [sig.name for sig in self._outputs]
+        results = session.run(names, inputs)
+        return {name: np.asarray(value) for name, value in zip(names, results)}
+
+    # -- ORT-specific -----------------------------------------------------------------------------------
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The InferenceSession (benchmarks compare against calling it directly)."""
+        return self._require_session()
+
+    def copied_outputs(self, runner: Callable[[], None]) -> tuple[str, ...]:
+        """The outputs a runner from `bind` copies after each run; empty when ORT writes every one in place."""
+        return self._copied_by_runner[runner]
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _require_session(self) -> ort.InferenceSession:
+        if self._session is None:
+            raise RuntimeError("the onnxruntime backend has no model loaded")
+        return self._session
+
+    @staticmethod
+    def _check_spec(spec: ModelSpecLike, inputs: list[TensorSig], outputs: list[TensorSig]) -> None:
+        model_inputs = {sig.name for sig in inputs}
+        model_outputs = {sig.name for sig in outputs}
+        spec_inputs = {t.name for t in spec.inputs}
+        for t in spec.inputs:
+            if t.name not in model_inputs:
+                raise ConfigError(
+                    f"model '{spec.name}' input '{t.name}': not an input of the ONNX model "
+                    f"(it has {', '.join(sorted(model_inputs))})"
+                )
+        for name in sorted(model_inputs - spec_inputs):
+            raise ConfigError(
+                f"model '{spec.name}': the ONNX model's input '{name}' is missing from the config"
+            )
+        for t in spec.outputs:
+            if t.name not in model_outputs:
+                raise ConfigError(
+                    f"model '{spec.name}' output '{t.name}': not an output of the ONNX model "
+                    f"(it has {', '.join(sorted(model_outputs))})"
+                )
+        if spec.max_batch_size > 0:
+            # Outputs with no shape at all are left to bind (output_shapes runs the model for them).
+            checked = [("input", s) for s in inputs] + [("output", s) for s in outputs if s.shape]
+            for kind, sig in checked:
+                if not sig.shape or sig.shape[0] != -1:
+                    raise ConfigError(
+                        f"model '{spec.name}' {kind} '{sig.name}': max_batch_size {spec.max_batch_size} "
+                        f"needs a variable first dimension, the ONNX model has {format_shape(sig.shape)}"
+                    )
+
+    def _check_arrays(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> int | None:
+        """Validate names, dtypes, ranks, static dims, batch size, layout; return the batch size (None: no
+        batch dim)."""
+        model = self._model
+        sig_inputs = {sig.name: sig for sig in self._inputs}
+        sig_outputs = {sig.name: sig for sig in self._outputs}
+        missing = sorted(set(sig_inputs) - set(inputs))
+        if missing:
+            raise ValueError(f"model '{model}': missing input(s) {', '.join(missing)}")
+        if not outputs:
+            raise ValueError(f"model '{model}': no output arrays to bind")
+
+        batching = self._max_batch_size > 0
+        batch: int | None = None
+        checked: list[tuple[str, np.ndarray]] = []
+        for kind, arrays, sigs in (("input", inputs, sig_inputs), ("output", outputs, sig_outputs)):
+            for name, arr in arrays.items():
+                sig = sigs.get(name)
+                if sig is None:
+                    raise ValueError(f"model '{model}': unknown {kind} '{name}' (it has {', '.join(sigs)})")
+                if not isinstance(arr, np.ndarray):
+                    raise TypeError(
+                        f"model '{model}' {kind} '{name}': expected a numpy array, got {type(arr)}"
+                    )
+                what = f"model '{model}' {kind} '{name}'"
+                got = f"{datatype_of(arr.dtype)} {format_shape(arr.shape)}"
+                expected = f"{sig.datatype} {format_shape(sig.shape)}"
+                if sig.datatype in ("BYTES", "BF16"):
+                    raise ValueError(f"{what}: {sig.datatype} tensors cannot be bound in place")
+                if arr.dtype != numpy_dtype(sig.datatype):
+                    raise ValueError(f"{what}: expected {expected}, got {got}")
+                if arr.ndim != len(sig.shape) or any(
+                    want >= 0 and have != want for have, want in zip(arr.shape, sig.shape)
+                ):
+                    raise ValueError(f"{what}: expected {expected}, got {got}")
+                if batching:
+                    n = arr.shape[0]
+                    if not 1 <= n <= self._max_batch_size:
+                        raise ValueError(
+                            f"{what}: batch size {n} is outside 1..{self._max_batch_size} (got {got})"
+                        )
+                    if batch is None:
+                        batch = n
+                    elif n != batch:
+                        raise ValueError(f"{what}: batch size {n} differs from the other arrays' {batch}")
+                if arr.size == 0:
+                    raise ValueError(f"{what}: empty array {got}")
+                if not arr.flags.c_contiguous or not arr.flags.aligned:
+                    raise ValueError(f"{what}: the array must be C-contiguous and aligned")
+                if kind == "output" and not arr.flags.writeable:
+                    raise ValueError(f"{what}: the output array is read-only")
+                checked.append((f"{kind} '{name}'", arr))
+
+        # An output that overlaps an input or another output would be read while being written.
+        for i, (label, arr) in enumerate(checked):
+            if not label.startswith("output"):
+                continue
+            for other_label, other in checked[:i] + checked[i + 1 :]:
+                if np.may_share_memory(arr, other):
+                    raise ValueError(f"model '{model}' {label}: its memory overlaps {other_label}")
+        return batch
+
+    def _check_output_shapes(
+        self, outputs: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]
+    ) -> None:
+        for name, arr in outputs.items():
+            want = expected[name]
+            if tuple(arr.shape) != want:
+                raise ValueError(
+                    f"model '{self._model}' output '{name}': expected {datatype_of(arr.dtype)} "
+                    f"{format_shape(want)} for these inputs, got {format_shape(arr.shape)}"
+                )
+
+    def _probe_in_place(
+        self, input_shapes: dict[str, tuple[int, ...]], outputs: dict[str, np.ndarray]
+    ) -> frozenset[str] | None:
+        """Run once on scratch zero arrays and return the outputs ORT did not write into their bound buffer.
+
+        None when the probe run fails (the model may reject zeros); the runner then checks after every run.
+        The probe also warms ORT up for these shapes, off the hot path.
+        """
+        session = self._require_session()
+        dtypes = {sig.name: numpy_dtype(sig.datatype) for sig in self._inputs}
+        scratch_in = {name: np.zeros(shape, dtype=dtypes[name]) for name, shape in input_shapes.items()}
+        scratch_out = {name: np.empty_like(arr) for name, arr in outputs.items()}
+        binding = session.io_binding()
+        for name, arr in scratch_in.items():
+            binding.bind_input(name, "cpu", 0, arr.dtype.type, arr.shape, arr.ctypes.data)
+        for name, arr in scratch_out.items():
+            binding.bind_output(name, "cpu", 0, arr.dtype.type, arr.shape, arr.ctypes.data)
+        try:
+            session.run_with_iobinding(binding)
+        # ORT's exceptions (Fail, InvalidArgument, RuntimeException, ...) share no base below Exception.
+        except Exception as exc:  # noqa: BLE001 -- the model's own failure on zeros is not a binding error
+            log.debug(
+                "model '%s': in-place probe run failed (%s); runner will check every run", self._model, exc
+            )
+            return None
+        values = binding.get_outputs()
+        return frozenset(
+            name
+            for (name, arr), value in zip(scratch_out.items(), values)
+            if value.data_ptr() != arr.ctypes.data
+        )

@@ -1,0 +1,75 @@
+"""The `kernelport` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kernelport.errors import KernelPortError
+    from kernelport.server.models import ServerOptions
+    from kernelport.server.server import serve_forever
+
+    if args.examples:
+        from kernelport.examples import build_example_repository
+
+        names = build_example_repository(args.model_repository)
+        logging.getLogger("kernelport").info("example models in %s: %s", args.model_repository, ", ".join(names))
+    options = ServerOptions(
+        repository=os.path.abspath(args.model_repository),
+        socket_path=os.path.abspath(args.socket),
+        commit_timeout=args.commit_timeout_ms / 1000.0,
+        lane_slots=args.lane_slots,
+        log_level=args.log_level,
+        allow_other_users=args.allow_other_users,
+    )
+    try:
+        serve_forever(options, grpc_port=args.grpc_port, grpc_host=args.grpc_host,
+                      allow_client_shm=args.allow_client_shm)
+    except KernelPortError as e:
+        print(f"kernelport: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _examples(args: argparse.Namespace) -> int:
+    from kernelport.examples import build_example_repository
+
+    names = build_example_repository(args.path, force=args.force)
+    print(f"example models in {args.path}: {', '.join(names)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kernelport", description="KernelPort inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve a model repository")
+    s.add_argument("--model-repository", required=True, help="Triton-layout model repository")
+    s.add_argument("--socket", default="/tmp/kernelport.sock", help="unix socket for local clients")
+    s.add_argument("--examples", action="store_true", help="first write the bundled example models into the repository")
+    s.add_argument("--grpc-port", type=int, default=None, help="serve gRPC (KServe v2) on this port")
+    s.add_argument("--grpc-host", default="127.0.0.1")
+    s.add_argument("--allow-client-shm", action="store_true", help="let gRPC clients register shared memory")
+    s.add_argument("--commit-timeout-ms", type=float, default=100.0,
+                   help="how long a claimed row may stay uncommitted before its batch runs without it")
+    s.add_argument("--lane-slots", type=int, default=4, help="batch slots per lane")
+    s.add_argument("--allow-other-users", action="store_true", help="accept local clients of any uid")
+    s.add_argument("--log-level", default="INFO")
+    s.set_defaults(func=_serve)
+
+    e = sub.add_parser("examples", help="write the bundled example model repository")
+    e.add_argument("path")
+    e.add_argument("--force", action="store_true")
+    e.set_defaults(func=_examples)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

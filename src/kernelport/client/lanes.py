@@ -1,0 +1,308 @@
+"""What every client of the lanes shares: the local client, and the server's own data plane (gRPC).
+
+`ModelInfo` says what a model takes, `validate_inputs` checks a request against it, and `LaneView`
+runs one request on a mapped lane: claim rows, write inputs, commit, wait, read outputs, release.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import _kpcore
+from kernelport.errors import (
+    InferFailedError,
+    InferTimeoutError,
+    InvalidInputError,
+    ModelNotReadyError,
+    QueueFullError,
+)
+from kernelport.repository.dtypes import datatype_to_numpy
+
+# Owner ids 0 (nobody) and 1 (the server's own data plane) are reserved; clients get 2 and up.
+SERVER_OWNER = 1
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    datatype: str  # KServe name: "FP32", "INT64", ...
+    dims: tuple[int, ...]  # per sample (no batch dim); -1 = any
+    optional: bool = False
+
+    @property
+    def dtype(self) -> np.dtype:
+        dt = datatype_to_numpy(self.datatype)
+        if dt is None:
+            raise InvalidInputError(f"tensor '{self.name}': datatype {self.datatype} is not supported on lanes")
+        return np.dtype(dt)
+
+    def describe(self, batching: bool) -> str:
+        dims = ([-1] if batching else []) + list(self.dims)
+        return f"{self.datatype} [{','.join(str(d) for d in dims)}]"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    max_batch_size: int
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    platform: str = ""
+    versions: tuple[str, ...] = ("1",)
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        def t(x: TensorInfo) -> dict[str, Any]:
+            return {"name": x.name, "datatype": x.datatype, "dims": list(x.dims), "optional": x.optional}
+
+        return {
+            "name": self.name,
+            "max_batch_size": self.max_batch_size,
+            "inputs": [t(x) for x in self.inputs],
+            "outputs": [t(x) for x in self.outputs],
+            "platform": self.platform,
+            "versions": list(self.versions),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelInfo:
+        def t(x: Mapping[str, Any]) -> TensorInfo:
+            return TensorInfo(str(x["name"]), str(x["datatype"]), tuple(int(v) for v in x["dims"]),
+                              bool(x.get("optional", False)))
+
+        return cls(
+            name=str(d["name"]),
+            max_batch_size=int(d["max_batch_size"]),
+            inputs=tuple(t(x) for x in d["inputs"]),
+            outputs=tuple(t(x) for x in d["outputs"]),
+            platform=str(d.get("platform", "")),
+            versions=tuple(str(v) for v in d.get("versions", ["1"])),
+        )
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "[" + ",".join(str(int(d)) for d in shape) + "]"
+
+
+def validate_inputs(
+    info: ModelInfo, inputs: Mapping[str, np.ndarray]
+) -> tuple[int, tuple[tuple[int, ...], ...], list[np.ndarray]]:
+    """Check a request against the model. Returns (batch size, per-sample shape of every input in
+    model order, the arrays in model order). Raises InvalidInputError naming model, input, expected
+    and received."""
+    m = info.name
+    known = {t.name for t in info.inputs}
+    for name in inputs:
+        if name not in known:
+            raise InvalidInputError(
+                f"model '{m}': unknown input '{name}' (inputs are: {', '.join(t.name for t in info.inputs)})")
+    batch: int | None = None
+    shapes: list[tuple[int, ...]] = []
+    arrays: list[np.ndarray] = []
+    for t in info.inputs:
+        if t.name not in inputs:
+            if t.optional:
+                raise InvalidInputError(
+                    f"model '{m}': optional input '{t.name}' must be given on this path (not supported yet)")
+            raise InvalidInputError(f"model '{m}': missing input '{t.name}'")
+        a = inputs[t.name]
+        if not isinstance(a, np.ndarray):
+            a = np.asarray(a)
+        want = t.dtype
+        got_type = _datatype_name(a.dtype)
+        if a.dtype != want:
+            raise InvalidInputError(
+                f"model '{m}' input '{t.name}': expected {t.describe(info.batching)}, "
+                f"got {got_type} {_shape_str(a.shape)}")
+        if info.batching:
+            if a.ndim != len(t.dims) + 1:
+                raise InvalidInputError(
+                    f"model '{m}' input '{t.name}': expected {t.describe(True)}, got {got_type} {_shape_str(a.shape)}")
+            n = int(a.shape[0])
+            sample = tuple(int(d) for d in a.shape[1:])
+            if n < 1:
+                raise InvalidInputError(f"model '{m}' input '{t.name}': batch size must be at least 1, got {n}")
+            if n > info.max_batch_size:
+                raise InvalidInputError(
+                    f"model '{m}' input '{t.name}': batch size {n} exceeds max_batch_size {info.max_batch_size}")
+            if batch is None:
+                batch = n
+            elif n != batch:
+                raise InvalidInputError(
+                    f"model '{m}' input '{t.name}': batch size {n} differs from the other inputs' {batch}")
+        else:
+            sample = tuple(int(d) for d in a.shape)
+            if len(sample) != len(t.dims):
+                raise InvalidInputError(
+                    f"model '{m}' input '{t.name}': expected {t.describe(False)}, got {got_type} {_shape_str(a.shape)}")
+        for want_d, got_d in zip(t.dims, sample):
+            if (want_d >= 0 and want_d != got_d) or got_d < 1:
+                raise InvalidInputError(
+                    f"model '{m}' input '{t.name}': expected {t.describe(info.batching)}, "
+                    f"got {got_type} {_shape_str(a.shape)}")
+        shapes.append(sample)
+        arrays.append(a)
+    return (batch or 1), tuple(shapes), arrays
+
+
+def _datatype_name(dt: np.dtype) -> str:
+    from kernelport.repository.dtypes import numpy_to_datatype
+
+    try:
+        return numpy_to_datatype(dt) or str(dt)
+    except Exception:
+        return str(dt)
+
+
+@dataclass(frozen=True)
+class LaneLayout:
+    """One lane's shape: what the server announces and every mapper checks against the header."""
+
+    lane_id: int
+    nslots: int
+    max_batch: int  # rows per slot; 1 for models without batching
+    batching: bool
+    tensors: tuple[TensorInfo, ...]  # inputs first (dims fully resolved), then outputs
+    n_inputs: int
+    size: int = 0
+
+    @property
+    def row_bytes(self) -> list[int]:
+        return [math.prod(t.dims) * t.dtype.itemsize for t in self.tensors]
+
+    def required_size(self) -> int:
+        return int(_kpcore.Lane.required_size(self.nslots, self.max_batch, self.row_bytes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lane_id": self.lane_id, "nslots": self.nslots, "max_batch": self.max_batch,
+            "batching": self.batching, "n_inputs": self.n_inputs, "size": self.size,
+            "tensors": [{"name": t.name, "datatype": t.datatype, "dims": list(t.dims)} for t in self.tensors],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LaneLayout:
+        tensors = tuple(TensorInfo(str(t["name"]), str(t["datatype"]), tuple(int(x) for x in t["dims"]))
+                        for t in d["tensors"])
+        return cls(int(d["lane_id"]), int(d["nslots"]), int(d["max_batch"]), bool(d["batching"]), tensors,
+                   int(d["n_inputs"]), int(d["size"]))
+
+
+@dataclass
+class LaneView:
+    """A mapped lane plus numpy views of every slot's rows."""
+
+    layout: LaneLayout
+    lane: Any  # _kpcore.Lane
+    views: list[list[np.ndarray]] = field(default_factory=list)  # [slot][tensor] -> [max_batch, *dims]
+
+    @classmethod
+    def attach(cls, layout: LaneLayout, segment: Any, doorbell: Any, init: bool = False) -> LaneView:
+        lane = _kpcore.Lane(segment, doorbell, layout.nslots, layout.max_batch, layout.row_bytes, init=init)
+        views: list[list[np.ndarray]] = []
+        for slot in range(layout.nslots):
+            per: list[np.ndarray] = []
+            for off, t in zip(lane.slot_offsets(slot), layout.tensors):
+                count = layout.max_batch * math.prod(t.dims)
+                arr = np.frombuffer(segment, dtype=t.dtype, count=count, offset=off)
+                per.append(arr.reshape((layout.max_batch, *t.dims)))
+            views.append(per)
+        return cls(layout, lane, views)
+
+    def rows(self, seq: int, row: int, n: int) -> list[np.ndarray]:
+        """Views of rows [row, row+n) of every tensor in the slot serving `seq`; without batching, the
+        single row with the batch dim dropped."""
+        per = self.views[seq % self.layout.nslots]
+        if self.layout.batching:
+            return [v[row:row + n] for v in per]
+        return [v[0] for v in per]
+
+    def claim(self, owner: int, n: int, timeout: float, model: str) -> tuple[int, int]:
+        try:
+            seq, row = self.lane.claim(n, owner, timeout)
+        except _kpcore.LaneTimeout:
+            raise QueueFullError(f"model '{model}': no free batch slot within {timeout:.3f} s") from None
+        except _kpcore.LaneDead:
+            raise ModelNotReadyError(f"model '{model}' is not ready: its worker stopped") from None
+        return int(seq), int(row)
+
+    def wait(self, seq: int, row: int, n: int, owner: int, timeout: float, model: str,
+             check_alive: Callable[[], None] | None, commit: bool) -> None:
+        """Commit (if asked) and wait for the batch; raise on failure. On any failure the rows are
+        released before the error propagates."""
+        deadline = _kpcore.now_ns() + int(timeout * 1e9)
+        lane = self.lane
+        try:
+            if commit:
+                status = lane.commit_and_wait(seq, row, n, owner, min(timeout, 1.0))
+            else:
+                status = lane.wait(seq, min(timeout, 1.0))
+        except _kpcore.LaneTimeout:
+            status = None
+        except _kpcore.LaneAbandoned:
+            self._release_quietly(seq, row, n, owner)
+            raise InferTimeoutError(f"model '{model}': request was not committed within the commit timeout") from None
+        except _kpcore.LaneDead:
+            self._release_quietly(seq, row, n, owner)
+            raise ModelNotReadyError(f"model '{model}' is not ready: its worker stopped") from None
+        while status is None:
+            left = (deadline - _kpcore.now_ns()) / 1e9
+            try:
+                if check_alive is not None:
+                    check_alive()
+                if left <= 0:
+                    raise InferTimeoutError(f"model '{model}': no response within {timeout:.3f} s")
+                status = lane.wait(seq, min(left, 1.0))
+            except _kpcore.LaneTimeout:
+                continue
+            except BaseException as e:
+                self._release_quietly(seq, row, n, owner)
+                if isinstance(e, _kpcore.LaneDead):
+                    raise ModelNotReadyError(f"model '{model}' is not ready: its worker stopped") from None
+                raise
+        if status != 0:
+            msg = lane.error_message(seq)
+            self._release_quietly(seq, row, n, owner)
+            raise InferFailedError(f"model '{model}': inference failed: {msg}")
+
+    def _release_quietly(self, seq: int, row: int, n: int, owner: int) -> None:
+        try:
+            self.lane.release(seq, row, n, owner)
+        except _kpcore.LaneError:
+            pass
+
+    def run(self, owner: int, arrays: Sequence[np.ndarray], n: int, timeout: float, model: str,
+            wanted: Sequence[str] | None = None,
+            check_alive: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
+        """One request, copying in and out."""
+        seq, row = self.claim(owner, n, timeout, model)
+        committed = False
+        try:
+            dst = self.rows(seq, row, n)
+            for i, a in enumerate(arrays):
+                np.copyto(dst[i], a, casting="no")
+            committed = True
+            self.wait(seq, row, n, owner, timeout, model, check_alive, commit=True)
+        except BaseException:
+            if not committed:
+                self._release_quietly(seq, row, n, owner)
+            raise
+        k = self.layout.n_inputs
+        out: dict[str, np.ndarray] = {}
+        for t, v in zip(self.layout.tensors[k:], dst[k:]):
+            if wanted is None or t.name in wanted:
+                out[t.name] = v.copy()
+        self.lane.release(seq, row, n, owner)
+        return out
+
+
+def lane_key(shapes: tuple[tuple[int, ...], ...]) -> str:
+    return ";".join("x".join(str(d) for d in s) for s in shapes)

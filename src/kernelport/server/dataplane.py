@@ -1,0 +1,159 @@
+"""The transport-independent data plane: every front end (local socket, gRPC, HTTP) calls this.
+
+Remote requests are clients of the same lanes as local ones (owner SERVER_OWNER), so they batch
+together with local requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from kernelport.client.lanes import SERVER_OWNER, ModelInfo, validate_inputs
+from kernelport.errors import KernelPortError, ModelNotFoundError
+from kernelport.repository import ModelSpec, load_model, load_repository
+from kernelport.server.models import READY, UNAVAILABLE, ModelRuntime, ServerOptions
+from kernelport.server.stats import ModelStats, StatsSnapshot
+
+log = logging.getLogger("kernelport.server")
+
+DEFAULT_TIMEOUT = 60.0
+
+
+class DataPlane:
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.models: dict[str, ModelRuntime] = {}
+        self.stats: dict[str, ModelStats] = {}
+        self.load_errors: dict[str, str] = {}
+        self.lock = threading.RLock()
+
+    # ---- repository ----
+
+    def load_all(self) -> None:
+        errors: dict[str, Any] = {}
+        entries = load_repository(self.options.repository, errors)
+        for name, err in errors.items():
+            log.error("model '%s' not loaded: %s", name, err)
+            self.load_errors[name] = str(err)
+        for name in entries:
+            try:
+                self.load(name)
+            except KernelPortError as e:
+                log.error("model '%s' not loaded: %s", name, e)
+
+    def load(self, name: str) -> None:
+        entry = load_model(self.options.repository, name)
+        with self.lock:
+            old = self.models.get(name)
+        if old is not None:
+            old.unload()
+        rt = ModelRuntime(entry, self.options)
+        with self.lock:
+            self.models[name] = rt
+            self.stats.setdefault(name, ModelStats(name))
+        try:
+            rt.load()
+        except KernelPortError as e:
+            self.load_errors[name] = str(e)
+            raise
+        except Exception as e:
+            self.load_errors[name] = str(e)
+            raise KernelPortError(f"model '{name}' failed to load: {e}") from e
+        self.load_errors.pop(name, None)
+
+    def unload(self, name: str) -> None:
+        rt = self._runtime(name)
+        rt.unload()
+
+    def repository_index(self) -> list[tuple[str, str, str, str]]:
+        from kernelport.repository import load_repository as scan
+
+        out: list[tuple[str, str, str, str]] = []
+        errors: dict[str, Any] = {}
+        try:
+            entries = scan(self.options.repository, errors)
+        except KernelPortError:
+            entries = {}
+        names = sorted(set(entries) | set(errors) | set(self.models))
+        for name in names:
+            rt = self.models.get(name)
+            if rt is not None:
+                version = rt.info.versions[-1] if rt.info else ""
+                out.append((name, version, rt.state, rt.reason))
+            elif name in errors:
+                out.append((name, "", UNAVAILABLE, str(errors[name])))
+            else:
+                out.append((name, "", "", ""))
+        return out
+
+    def shutdown(self) -> None:
+        with self.lock:
+            models = list(self.models.values())
+        for rt in models:
+            rt.unload()
+
+    # ---- queries ----
+
+    def _runtime(self, name: str) -> ModelRuntime:
+        rt = self.models.get(name)
+        if rt is None:
+            raise ModelNotFoundError(f"unknown model '{name}'")
+        return rt
+
+    def model_names(self) -> list[str]:
+        return sorted(self.models)
+
+    def model_spec(self, name: str) -> ModelSpec:
+        rt = self._runtime(name)
+        if rt.spec is None:
+            rt.require_ready()
+        assert rt.spec is not None
+        return rt.spec
+
+    def model_info(self, name: str) -> ModelInfo:
+        return self._runtime(name).require_ready()
+
+    def model_ready(self, name: str) -> bool:
+        rt = self.models.get(name)
+        return rt is not None and rt.state == READY
+
+    def server_ready(self) -> bool:
+        return all(rt.state == READY for rt in self.models.values())
+
+    def statistics(self, name: str) -> StatsSnapshot:
+        self._runtime(name)
+        return self.stats[name].snapshot()
+
+    def counters(self, name: str) -> dict[str, int]:
+        return self._runtime(name).counters()
+
+    # ---- inference ----
+
+    def infer(self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
+              timeout: float | None = None) -> dict[str, np.ndarray]:
+        rt = self._runtime(name)
+        info = rt.require_ready()
+        n, shapes, arrays = validate_inputs(info, inputs)
+        if outputs is not None:
+            known = {t.name for t in info.outputs}
+            for o in outputs:
+                if o not in known:
+                    from kernelport.errors import InvalidInputError
+
+                    raise InvalidInputError(f"model '{name}': unknown output '{o}'")
+        stats = self.stats[name]
+        t0 = time.perf_counter_ns()
+        try:
+            lane = rt.lane_for(shapes)
+            result = lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs)
+        except KernelPortError:
+            stats.record_failure(time.perf_counter_ns() - t0)
+            raise
+        stats.record_success(time.perf_counter_ns() - t0, batch_size=n)
+        return result

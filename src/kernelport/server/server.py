@@ -1,0 +1,252 @@
+"""The server process: model repository, workers, the local socket, and (when asked) gRPC.
+
+The local socket carries only handshakes: a client says hello, asks for a model (it gets the model's
+description and its doorbell) and for a lane per input shape (it gets the lane's layout and segment).
+Tensors then go straight through the lanes. When a client's connection closes, every row it held
+is given back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import struct
+import threading
+from multiprocessing.connection import wait as wait_sentinels
+from typing import Any
+
+from kernelport.errors import InvalidInputError, KernelPortError
+from kernelport.server.dataplane import DataPlane
+from kernelport.server.models import ServerOptions
+from kernelport.server.wire import ConnectionClosed, recv_msg, send_msg
+
+log = logging.getLogger("kernelport.server")
+
+PROTOCOL_VERSION = 1
+
+
+class Server:
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.dataplane = DataPlane(options)
+        self.sock: socket.socket | None = None
+        self.stopping = threading.Event()
+        self.next_owner = 2
+        self.owner_lock = threading.Lock()
+        self.connections: set[socket.socket] = set()
+        self.threads: list[threading.Thread] = []
+        self.grpc_server: Any = None
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        self.dataplane.load_all()
+        self._bind()
+        t = threading.Thread(target=self._accept_loop, name="kp-accept", daemon=True)
+        t.start()
+        self.threads.append(t)
+        m = threading.Thread(target=self._monitor_workers, name="kp-monitor", daemon=True)
+        m.start()
+        self.threads.append(m)
+
+    def _bind(self) -> None:
+        path = self.options.socket_path
+        if os.path.exists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise KernelPortError(f"socket path exists and is not a socket: {path}")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale socket of a server that is gone
+            else:
+                probe.close()
+                raise KernelPortError(f"another server is listening on {path}")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old)
+        s.listen(128)
+        self.sock = s
+
+    def stop(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace=1.0)
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+            try:
+                os.unlink(self.options.socket_path)
+            except FileNotFoundError:
+                pass
+        self.dataplane.shutdown()
+        for c in list(self.connections):
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # ---- workers ----
+
+    def _monitor_workers(self) -> None:
+        """Turn a worker that exits on its own into an error for exactly the requests it held."""
+        while not self.stopping.is_set():
+            watched = {}
+            for rt in list(self.dataplane.models.values()):
+                if rt.state != "READY":
+                    continue
+                for w in rt.workers:
+                    watched[w.process.sentinel] = (rt, w)
+            if not watched:
+                self.stopping.wait(0.2)
+                continue
+            ready = wait_sentinels(list(watched), timeout=0.2)
+            for sentinel in ready:
+                rt, w = watched[sentinel]
+                if not self.stopping.is_set() and rt.state == "READY" and w in rt.workers:
+                    rt.worker_died(w)
+
+    # ---- the local socket ----
+
+    def _accept_loop(self) -> None:
+        assert self.sock is not None
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if not self._peer_allowed(conn):
+                conn.close()
+                continue
+            t = threading.Thread(target=self._serve_connection, args=(conn,), name="kp-conn", daemon=True)
+            t.start()
+
+    def _peer_allowed(self, conn: socket.socket) -> bool:
+        if self.options.allow_other_users:
+            return True
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != os.getuid():
+            log.warning("refused a local client of uid %d", uid)
+            return False
+        return True
+
+    def _new_owner(self) -> int:
+        with self.owner_lock:
+            owner = self.next_owner
+            self.next_owner += 1
+            return owner
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        self.connections.add(conn)
+        owner = self._new_owner()
+        models_used: set[str] = set()
+        try:
+            while True:
+                try:
+                    msg, fds = recv_msg(conn)
+                except (ConnectionClosed, ConnectionError, OSError):
+                    return
+                except ValueError:
+                    send_msg(conn, {"error": {"type": "InvalidInputError", "message": "malformed message"}})
+                    continue
+                for fd in fds:  # clients never send descriptors
+                    os.close(fd)
+                try:
+                    reply, out_fds = self._handle(msg, owner, models_used)
+                except KernelPortError as e:
+                    reply, out_fds = {"error": {"type": type(e).__name__, "message": str(e)}}, []
+                except Exception as e:  # keep serving: report, never crash the server
+                    log.exception("local request failed")
+                    reply, out_fds = {"error": {"type": "KernelPortError", "message": f"internal error: {e}"}}, []
+                try:
+                    send_msg(conn, reply, out_fds)
+                finally:
+                    for fd in out_fds:
+                        os.close(fd)
+        finally:
+            self.connections.discard(conn)
+            conn.close()
+            for name in models_used:
+                rt = self.dataplane.models.get(name)
+                if rt is not None:
+                    n = rt.reclaim(owner)
+                    if n:
+                        log.info("model '%s': reclaimed %d request(s) of a gone client", name, n)
+
+    def _handle(self, msg: dict[str, Any], owner: int, models_used: set[str]) -> tuple[dict[str, Any], list[int]]:
+        op = msg.get("op")
+        dp = self.dataplane
+        if op == "hello":
+            return {"owner": owner, "protocol": PROTOCOL_VERSION, "models": dp.model_names()}, []
+        if op == "ready":
+            return {"ready": dp.model_ready(str(msg.get("model", "")))}, []
+        if op == "model":
+            name = str(msg.get("model", ""))
+            info = dp.model_info(name)
+            rt = dp.models[name]
+            models_used.add(name)
+            return {"model": info.to_dict(), "doorbell_size": rt.doorbell.segment.size}, [rt.doorbell.segment.dup_fd()]
+        if op == "lane":
+            name = str(msg.get("model", ""))
+            info = dp.model_info(name)
+            shapes = msg.get("shapes")
+            if not isinstance(shapes, list) or len(shapes) != len(info.inputs):
+                raise InvalidInputError(f"model '{name}': lane request needs one shape per input")
+            per_sample: list[tuple[int, ...]] = []
+            for t, s in zip(info.inputs, shapes):
+                if not isinstance(s, list) or len(s) != len(t.dims) or not all(isinstance(d, int) for d in s):
+                    raise InvalidInputError(f"model '{name}' input '{t.name}': bad shape {s!r}")
+                for want, got in zip(t.dims, s):
+                    if got < 1 or got > (1 << 31) or (want >= 0 and want != got):
+                        raise InvalidInputError(
+                            f"model '{name}' input '{t.name}': expected {t.describe(info.batching)}, got {s}")
+                per_sample.append(tuple(s))
+            entry = dp.models[name].lane_for(tuple(per_sample))
+            models_used.add(name)
+            return {"lane": entry.layout.to_dict()}, [entry.segment.dup_fd()]
+        if op == "counters":
+            return {"counters": dp.counters(str(msg.get("model", "")))}, []
+        raise InvalidInputError(f"unknown request {op!r}")
+
+
+def serve_forever(options: ServerOptions, grpc_port: int | None = None, grpc_host: str = "127.0.0.1",
+                  allow_client_shm: bool = False) -> None:
+    """Run until SIGINT/SIGTERM; then shut down cleanly."""
+    import signal
+
+    server = Server(options)
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: shutting down", signum)
+        done.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start()
+        if grpc_port is not None:
+            from kernelport.protocol.grpc_frontend import serve_grpc
+
+            server.grpc_server = serve_grpc(server.dataplane, host=grpc_host, port=grpc_port,
+                                            allow_client_shm=allow_client_shm)
+            log.info("gRPC (KServe v2) on %s:%d", grpc_host, grpc_port)
+        names = server.dataplane.model_names()
+        log.info("serving %d model(s) on %s: %s", len(names), options.socket_path, ", ".join(names))
+        print(f"kernelport: ready on {options.socket_path}", flush=True)
+        while not done.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        log.info("stopped")

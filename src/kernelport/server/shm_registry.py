@@ -1,0 +1,300 @@
+"""Client-registered system shared memory regions (the gRPC system shared memory extension).
+
+A remote-protocol client on the same host creates a POSIX shared memory object, registers a byte range of it
+under a region name, then names that region in its requests instead of sending tensor bytes. The server maps
+the object and reads inputs from it / writes outputs into it.
+
+Rules, after Triton's shared-memory manager:
+- Registration is refused unless the server was started with `allow_client_shm` (UNAVAILABLE, as Triton
+  answers a restricted or absent shared-memory endpoint).
+- Every offset and size from outside is checked with overflow-safe arithmetic (`a > size or b > size - a`,
+  never `a + b > size` in a fixed-width type) against the object's real size at registration and the
+  region's size at use.
+- A region in use is unmapped only when its last request finishes: `unregister` removes the name at once
+  (new requests get NOT_FOUND, the name may be registered again), the last `release` unmaps.
+- Unregistering a name that is not registered succeeds (as in Triton), so clients may clean up blindly.
+
+Trust: the key must be a plain POSIX shm name (one leading '/', then no '/'); it is opened with O_NOFOLLOW,
+must be a regular file with a single link (a hard link to another segment is refused), and may not start
+with a prefix the server reserves for its own segments. Error messages name the region, never the server's
+paths or its segment keys.
+
+Residual risk, shared with every shared-memory server: a client that shrinks its object while a request is
+being copied can make the server fault. The size is re-checked (fstat) each time a region is used, which
+closes all but that narrow window; clients are trusted this far only when `allow_client_shm` is set.
+"""
+
+from __future__ import annotations
+
+import _posixshmem  # the stdlib's shm_open (what multiprocessing.shared_memory uses)
+import mmap
+import os
+import re
+import stat
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from kernelport.errors import InvalidInputError, KernelPortError
+
+__all__ = [
+    "RegionAccessError",
+    "RegionExistsError",
+    "RegionInfo",
+    "RegionLimitError",
+    "RegionNotFoundError",
+    "SharedMemoryDisabledError",
+    "SharedMemoryRegion",
+    "SharedMemoryRegistry",
+]
+
+_KEY_RE = re.compile(r"[A-Za-z0-9._-]{1,250}")
+_NAME_MAX = 256
+UINT64_MAX = 2**64 - 1
+DEFAULT_RESERVED_PREFIXES: tuple[str, ...] = ("kernelport", "kp_", "kp-")
+
+
+class SharedMemoryDisabledError(KernelPortError):
+    """The server was not started with client shared memory allowed."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class RegionNotFoundError(KernelPortError):
+    grpc_code = "NOT_FOUND"
+
+
+class RegionExistsError(KernelPortError):
+    grpc_code = "ALREADY_EXISTS"
+
+
+class RegionAccessError(KernelPortError):
+    """The shm object exists but may not be mapped (permissions, reserved key, not a plain object)."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
+class RegionLimitError(KernelPortError):
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+
+
+def check_range(what: str, offset: int, byte_size: int, limit: int) -> None:
+    """Raise InvalidInputError unless [offset, offset+byte_size) lies within [0, limit).
+
+    Written so that no intermediate value exceeds its operands, as the same check must be in C.
+    """
+    if offset < 0 or byte_size < 0:
+        raise InvalidInputError(
+            f"{what}: offset and byte size must be non-negative, got {offset}, {byte_size}"
+        )
+    if offset > limit or byte_size > limit - offset:
+        raise InvalidInputError(
+            f"{what}: offset {offset} + byte size {byte_size} is outside the region's {limit} bytes"
+        )
+
+
+class SharedMemoryRegion:
+    """One registered region: a mapping of [0, offset+byte_size) of the client's object."""
+
+    def __init__(self, name: str, key: str, offset: int, byte_size: int, fd: int, mapping: mmap.mmap) -> None:
+        self.name = name
+        self.key = key
+        self.offset = offset
+        self.byte_size = byte_size
+        self._fd = fd
+        self._mmap: mmap.mmap | None = mapping
+        self._users = 0
+        self._retired = False
+
+    def info(self) -> RegionInfo:
+        return RegionInfo(self.name, self.key, self.offset, self.byte_size)
+
+    def _checked_span(self, what: str, offset: int, byte_size: int) -> tuple[mmap.mmap, int]:
+        check_range(f"{what}: shared memory region '{self.name}'", offset, byte_size, self.byte_size)
+        mapping = self._mmap
+        if mapping is None:  # only after close(); a user holds a reference, so not in normal use
+            raise RegionNotFoundError(f"{what}: shared memory region '{self.name}' is unregistered")
+        # The client may have shrunk its object since registration; touching pages past its end is SIGBUS.
+        if os.fstat(self._fd).st_size < self.offset + self.byte_size:
+            raise InvalidInputError(
+                f"{what}: shared memory region '{self.name}' shrank below its registered {self.byte_size} bytes"
+            )
+        return mapping, self.offset + offset
+
+    def read(self, what: str, offset: int, byte_size: int) -> memoryview:
+        """A read-only view of `byte_size` bytes at `offset` within the region (valid while acquired)."""
+        mapping, start = self._checked_span(what, offset, byte_size)
+        return memoryview(mapping)[start : start + byte_size].toreadonly()
+
+    def write(self, what: str, offset: int, data: bytes | bytearray | memoryview, capacity: int) -> None:
+        """Copy `data` to `offset`, where the request gave `capacity` bytes; refuse if it does not fit."""
+        nbytes = memoryview(data).nbytes
+        if nbytes > capacity:
+            raise InvalidInputError(
+                f"{what}: shared memory byte size {capacity} is too small for the {nbytes}-byte result"
+            )
+        mapping, start = self._checked_span(what, offset, capacity)
+        view = memoryview(mapping)
+        try:
+            view[start : start + nbytes] = memoryview(data).cast("B")
+        finally:
+            view.release()
+
+    def close(self) -> None:
+        """Unmap and close. Views still alive keep the mapping until they die (no use-after-unmap)."""
+        mapping, self._mmap = self._mmap, None
+        if mapping is not None:
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a view is still exported: the mapping goes when its last view is released
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class SharedMemoryRegistry:
+    """Thread-safe table of client-registered system shared memory regions."""
+
+    def __init__(
+        self,
+        allowed: bool = False,
+        *,
+        reserved_key_prefixes: tuple[str, ...] = DEFAULT_RESERVED_PREFIXES,
+        max_regions: int = 1024,
+    ) -> None:
+        self.allowed = allowed
+        self._reserved = tuple(p for p in reserved_key_prefixes if p)
+        self._max_regions = max_regions
+        self._regions: dict[str, SharedMemoryRegion] = {}
+        self._lock = threading.Lock()
+
+    # -- registration --------------------------------------------------------------------------------
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        if not self.allowed:
+            raise SharedMemoryDisabledError(
+                "system shared memory is disabled on this server; start it with client shared memory "
+                "allowed (allow_client_shm) to register regions"
+            )
+        if not name or len(name) > _NAME_MAX:
+            raise InvalidInputError(f"shared memory region name must be 1 to {_NAME_MAX} characters")
+        what = f"shared memory region '{name}'"
+        plain = key.removeprefix("/")
+        if not _KEY_RE.fullmatch(plain) or plain in (".", ".."):
+            raise InvalidInputError(
+                f"{what}: invalid key; expected a POSIX shared memory name ('/' then letters, digits, "
+                "'.', '_' or '-', no other '/')"
+            )
+        if any(plain.startswith(p) for p in self._reserved):
+            raise RegionAccessError(f"{what}: the key is reserved for the server's own memory")
+        if byte_size <= 0:
+            raise InvalidInputError(f"{what}: byte size must be positive, got {byte_size}")
+        if offset < 0 or offset > UINT64_MAX or byte_size > UINT64_MAX:
+            raise InvalidInputError(f"{what}: offset {offset} or byte size {byte_size} out of range")
+        with self._lock:
+            self._check_free(name)
+
+        fd = self._open(what, plain)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise RegionAccessError(f"{what}: the key does not name a plain shared memory object")
+            check_range(f"{what}: registration", offset, byte_size, st.st_size)
+            mapping = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        region = SharedMemoryRegion(name, key, offset, byte_size, fd, mapping)
+        with self._lock:
+            try:
+                self._check_free(name)  # a concurrent register of the same name may have won
+            except KernelPortError:
+                region.close()
+                raise
+            self._regions[name] = region
+
+    def _check_free(self, name: str) -> None:
+        if name in self._regions:
+            raise RegionExistsError(f"shared memory region '{name}' is already registered")
+        if len(self._regions) >= self._max_regions:
+            raise RegionLimitError(f"too many shared memory regions registered (limit {self._max_regions})")
+
+    @staticmethod
+    def _open(what: str, plain_key: str) -> int:
+        try:
+            return int(_posixshmem.shm_open("/" + plain_key, os.O_RDWR | os.O_NOFOLLOW, mode=0o600))
+        except FileNotFoundError:
+            raise RegionNotFoundError(f"{what}: no shared memory object with that key") from None
+        except PermissionError:
+            raise RegionAccessError(
+                f"{what}: the shared memory object is not readable and writable"
+            ) from None
+        except OSError as exc:
+            raise RegionAccessError(
+                f"{what}: cannot open the shared memory object ({exc.strerror})"
+            ) from None
+
+    def unregister(self, name: str = "") -> None:
+        """Unregister `name`, or every region when `name` is empty. Unknown names are not an error."""
+        with self._lock:
+            if name:
+                region = self._regions.pop(name, None)
+                victims = [region] if region is not None else []
+            else:
+                victims = list(self._regions.values())
+                self._regions.clear()
+            to_close = []
+            for region in victims:
+                region._retired = True
+                if region._users == 0:
+                    to_close.append(region)
+        for region in to_close:
+            region.close()
+
+    def status(self, name: str = "") -> list[RegionInfo]:
+        with self._lock:
+            if not name:
+                return [r.info() for r in self._regions.values()]
+            region = self._regions.get(name)
+            if region is None:
+                raise RegionNotFoundError(f"shared memory region '{name}' is not registered")
+            return [region.info()]
+
+    # -- use by requests -----------------------------------------------------------------------------
+
+    def acquire(self, name: str) -> SharedMemoryRegion:
+        """Take a reference for one request; pair with `release`."""
+        with self._lock:
+            region = self._regions.get(name)
+            if region is None:
+                raise RegionNotFoundError(f"shared memory region '{name}' is not registered")
+            region._users += 1
+            return region
+
+    def release(self, region: SharedMemoryRegion) -> None:
+        with self._lock:
+            region._users -= 1
+            last = region._users == 0 and region._retired
+        if last:
+            region.close()
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[SharedMemoryRegion]:
+        region = self.acquire(name)
+        try:
+            yield region
+        finally:
+            self.release(region)
+
+    def close(self) -> None:
+        self.unregister("")

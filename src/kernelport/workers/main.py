@@ -1,0 +1,203 @@
+"""The worker process: one per model instance, started with `spawn`.
+
+It imports only its backend's framework, loads the model, reports what the model takes, then runs the
+batching loop itself: wait for a batch on its lanes (in C, GIL released), run the backend on the
+slot's rows in place, mark the slot done. Control messages from the server (new lanes, shape
+queries, stop) arrive on a pipe, announced by a ring of the doorbell.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle
+from typing import Any
+
+import _kpcore
+from kernelport.client.lanes import LaneLayout, LaneView
+
+log = logging.getLogger("kernelport.worker")
+
+
+@dataclass
+class BatchPolicy:
+    window: float = 0.0001  # seconds since the first claim before a partial batch closes
+    close_at: int = 1  # close as soon as this many rows are claimed
+    commit_timeout: float = 0.1
+    pause_iters: int = 2000
+    idle_spin: float = 0.0005  # stay awake this long after work before sleeping
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BatchPolicy:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+class Worker:
+    def __init__(self, conn: Connection, params: dict[str, Any]) -> None:
+        self.conn = conn
+        self.params = params
+        self.model = params["model"]
+        self.backend: Any = None
+        self.bell: Any = None
+        self.policy = BatchPolicy()
+        self.lane_ids: list[int] = []
+        self.lanes: list[LaneView] = []
+        self.raw_lanes: list[Any] = []
+        self.runners: dict[tuple[int, int, int], Callable[[], None]] = {}
+        self.batching = True
+        self.parent = os.getppid()
+
+    # ---- start-up ----
+
+    def load(self) -> None:
+        from kernelport.backends import load_backend
+        from kernelport.repository import ModelSpec
+
+        spec = ModelSpec.from_proto(_config_from_bytes(self.params["config"]), source=self.params["config_source"])
+        backend = load_backend(self.params["platform"])
+        backend.load(self.params["model_path"], spec)
+        self.backend = backend
+        inputs, outputs = backend.io_signature()
+        self.conn.send(("loaded", {
+            "inputs": [_sig(t) for t in inputs],
+            "outputs": [_sig(t) for t in outputs],
+            "framework": backend.framework_version(),
+            "device": backend.device(),
+            "pid": os.getpid(),
+        }))
+
+    def start(self, payload: dict[str, Any]) -> None:
+        fd = recv_handle(self.conn)
+        self.bell = _kpcore.Doorbell(_kpcore.Segment.from_fd(fd, _kpcore.DOORBELL_BYTES))
+        self.policy = BatchPolicy.from_dict(payload["policy"])
+        self.batching = bool(payload["batching"])
+        self.conn.send(("started", None))
+
+    # ---- control ----
+
+    def handle_control(self) -> bool:
+        """Serve every pending control message; False when told to stop."""
+        while self.conn.poll(0):
+            msg = self.conn.recv()
+            op = msg[0]
+            if op == "lane":
+                layout = LaneLayout.from_dict(msg[1])
+                fd = recv_handle(self.conn)
+                try:
+                    seg = _kpcore.Segment.from_fd(fd, layout.size)
+                    view = LaneView.attach(layout, seg, self.bell)
+                    self.lane_ids.append(layout.lane_id)
+                    self.lanes.append(view)
+                    self.raw_lanes.append(view.lane)
+                    self.conn.send(("ok", layout.lane_id))
+                except Exception as e:  # report, keep serving the other lanes
+                    self.conn.send(("error", f"cannot map lane: {e}"))
+            elif op == "drop":
+                lane_id = int(msg[1])
+                if lane_id in self.lane_ids:
+                    i = self.lane_ids.index(lane_id)
+                    del self.lane_ids[i], self.lanes[i], self.raw_lanes[i]
+                    self.runners.clear()
+                self.conn.send(("ok", lane_id))
+            elif op == "shapes":
+                try:
+                    shapes = self.backend.output_shapes({k: tuple(v) for k, v in msg[1].items()})
+                    self.conn.send(("ok", {k: list(v) for k, v in shapes.items()}))
+                except Exception as e:
+                    self.conn.send(("error", str(e)))
+            elif op == "stop":
+                self.conn.send(("ok", None))
+                return False
+            else:
+                self.conn.send(("error", f"unknown control message {op!r}"))
+        return True
+
+    # ---- the batching loop ----
+
+    def runner(self, lane_index: int, seq: int, n: int) -> Callable[[], None]:
+        view = self.lanes[lane_index]
+        key = (view.layout.lane_id, seq % view.layout.nslots, n)
+        r = self.runners.get(key)
+        if r is None:
+            rows = view.rows(seq, 0, n)
+            k = view.layout.n_inputs
+            names = [t.name for t in view.layout.tensors]
+            r = self.backend.bind(dict(zip(names[:k], rows[:k])), dict(zip(names[k:], rows[k:])))
+            self.runners[key] = r
+        return r
+
+    def serve(self) -> None:
+        p = self.policy
+        next_batch = _kpcore.next_batch
+        while True:
+            rc = next_batch(self.raw_lanes, self.bell, p.window, p.close_at, p.commit_timeout, 0.1,
+                            p.pause_iters, p.idle_spin)
+            if type(rc) is tuple:
+                li, seq, n = rc
+                lane = self.raw_lanes[li]
+                try:
+                    self.runner(li, seq, n)()
+                except Exception as e:
+                    log.warning("model '%s': batch of %d failed: %s", self.model, n, e)
+                    lane.complete(seq, 1, f"{type(e).__name__}: {e}"[:230])
+                else:
+                    lane.complete(seq, 0)
+                continue
+            if os.getppid() != self.parent:
+                return  # the server is gone
+            if not self.handle_control():
+                return
+
+
+def _sig(t: Any) -> dict[str, Any]:
+    return {"name": t.name, "datatype": t.datatype, "shape": [int(d) for d in t.shape]}
+
+
+def _config_from_bytes(data: bytes) -> Any:
+    from kernelport.protocol import message_class
+
+    msg = message_class("inference.ModelConfig")()
+    msg.ParseFromString(data)
+    return msg
+
+
+def worker_main(conn: Connection, params: dict[str, Any]) -> None:
+    """Entry point of the spawned worker process."""
+    logging.basicConfig(level=params.get("log_level", "INFO"), format="%(asctime)s worker %(message)s",
+                        stream=sys.stderr)
+    w = Worker(conn, params)
+    try:
+        w.load()
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        log.debug("%s", traceback.format_exc())
+        return
+    try:
+        while True:
+            msg = conn.recv()
+            if msg[0] == "start":
+                w.start(msg[1])
+                break
+            if msg[0] == "shapes":
+                try:
+                    shapes = w.backend.output_shapes({k: tuple(v) for k, v in msg[1].items()})
+                    conn.send(("ok", {k: list(v) for k, v in shapes.items()}))
+                except Exception as e:
+                    conn.send(("error", str(e)))
+            elif msg[0] == "stop":
+                conn.send(("ok", None))
+                return
+        w.serve()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the server went away
+    finally:
+        if w.backend is not None:
+            w.backend.close()
+
+
+__all__ = ["BatchPolicy", "worker_main"]

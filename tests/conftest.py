@@ -1,0 +1,121 @@
+"""Shared fixtures. Add yours below; keep each one small and say what it builds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from kernelport.examples import build_example_repository
+
+
+# The example model repository (add_sub, add_sub_nobatch, mlp, identity_16m), built once per test session.
+@pytest.fixture(scope="session")
+def example_repo(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("model_repository")
+    build_example_repository(str(path))
+    return str(path)
+
+
+# ---- a real `kernelport serve` subprocess ------------------------------------------------------------
+
+
+# Test-only variants of add_sub, to see each way a batch closes.
+TEST_VARIANTS = {
+    # a partial batch closes when the window (50 ms) since its first claim expires
+    "add_sub_window": "dynamic_batching {\n  max_queue_delay_microseconds: 50000\n}\n",
+    # a batch closes at once when it reaches the preferred size 4, long before the 30 s window
+    "add_sub_preferred": (
+        "dynamic_batching {\n  preferred_batch_size: [ 4 ]\n  max_queue_delay_microseconds: 30000000\n}\n"
+    ),
+    # a batch closes at once when it is full (16 rows), long before the 30 s window
+    "add_sub_full": "dynamic_batching {\n  max_queue_delay_microseconds: 30000000\n}\n",
+}
+
+
+def add_sub_variant(repo: str, name: str, batching: str) -> None:
+    src = os.path.join(repo, "add_sub")
+    dst = os.path.join(repo, name)
+    os.makedirs(os.path.join(dst, "1"), exist_ok=True)
+    shutil.copy(os.path.join(src, "1", "model.onnx"), os.path.join(dst, "1", "model.onnx"))
+    with open(os.path.join(src, "config.pbtxt")) as f:
+        text = f.read()
+    head = text.split("dynamic_batching")[0].replace('name: "add_sub"', f'name: "{name}"')
+    with open(os.path.join(dst, "config.pbtxt"), "w") as f:
+        f.write(head + batching)
+
+
+class ServerProcess:
+    """`kernelport serve` in a subprocess, on a unix socket in a temp dir."""
+
+    def __init__(self, repo: str, socket_path: str, *extra: str) -> None:
+        self.socket_path = socket_path
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kernelport.cli.main", "serve", "--model-repository", repo,
+             "--socket", socket_path, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if "ready on" in line:
+                    ready.set()
+            ready.set()
+
+        self._pump = threading.Thread(target=pump, daemon=True)
+        self._pump.start()
+        if not ready.wait(120) or self.proc.poll() is not None:
+            self.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._pump.join(5)
+        return int(self.proc.returncode)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def served_repo(tmp_path_factory: pytest.TempPathFactory, example_repo: str) -> str:
+    """The example repository plus the test-only add_sub variants."""
+    path = str(tmp_path_factory.mktemp("served_repository"))
+    shutil.copytree(example_repo, path, dirs_exist_ok=True)
+    for name, batching in TEST_VARIANTS.items():
+        add_sub_variant(path, name, batching)
+    return path
+
+
+@pytest.fixture(scope="session")
+def server(served_repo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the session, serving `served_repo`."""
+    sock = str(tmp_path_factory.mktemp("sock") / "kp.sock")
+    srv = ServerProcess(served_repo, sock)
+    yield srv
+    code = srv.stop()
+    assert code == 0, srv.log()
