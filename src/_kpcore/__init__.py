@@ -16,6 +16,7 @@ from _kpcore.core import (
     LaneRetired,
     LaneTimeout,
     Segment,
+    StatsBlock,
     next_batch,
     now_ns,
 )
@@ -23,5 +24,5 @@ from _kpcore.core import (
 __all__ = [
     "CONTROL", "DOORBELL_BYTES", "LANE_DEAD", "LANE_LIVE", "LANE_RETIRED", "MAX_TENSORS", "NONE",
     "Doorbell", "Lane", "LaneAbandoned", "LaneDead", "LaneError", "LaneRetired", "LaneTimeout",
-    "Segment", "next_batch", "now_ns",
+    "Segment", "StatsBlock", "next_batch", "now_ns",
 ]

@@ -77,7 +77,28 @@ cdef extern from "kp_lane.h" nogil:
     uint32_t kp_reclaim_owner(kp_lane_hdr *h, kp_doorbell *d, uint32_t owner)
     int kp_next_batch(kp_lane_hdr **lanes, uint32_t nlanes, kp_doorbell *d, const kp_batch_policy *p,
                       uint32_t *lane_out, uint64_t *seq_out, uint32_t *nrows_out)
-    void kp_complete(kp_lane_hdr *h, uint64_t seq, int32_t status, const char *errmsg)
+    ctypedef struct kp_size_stat:
+        uint64_t count
+        uint64_t infer_ns
+
+    ctypedef struct kp_stats:
+        uint64_t magic
+        uint32_t max_batch
+        uint64_t success_count
+        uint64_t success_ns
+        uint64_t fail_count
+        uint64_t fail_ns
+        uint64_t queue_ns
+        uint64_t infer_ns
+        uint64_t inference_count
+        uint64_t execution_count
+        uint64_t last_inference_ms
+        kp_size_stat *by_size
+
+    uint64_t kp_stats_size(uint32_t max_batch)
+    void kp_stats_init(kp_stats *st, uint32_t max_batch)
+    void kp_complete(kp_lane_hdr *h, uint64_t seq, int32_t status, const char *errmsg, kp_stats *st,
+                     uint64_t infer_ns)
     void kp_lane_set_status(kp_lane_hdr *h, uint32_t status)
 
 
@@ -92,6 +113,11 @@ cdef class Segment:
 cdef class Doorbell:
     cdef Segment seg
     cdef kp_doorbell *db
+
+
+cdef class StatsBlock:
+    cdef Segment seg
+    cdef kp_stats *st
 
 
 cdef class Lane:

@@ -234,6 +234,44 @@ cdef class Doorbell:
         kp_ring_control(self.db)
 
 
+cdef class StatsBlock:
+    """A model's inference statistics, kept by its workers with atomic adds; shared by the server and
+    its workers only, never handed to clients."""
+
+    def __cinit__(self, Segment seg, uint32_t max_batch, bint init=False):
+        if <uint64_t>seg.size < kp_stats_size(max_batch):
+            raise ValueError("statistics segment too small")
+        self.seg = seg
+        self.st = <kp_stats *>seg.base
+        if init:
+            kp_stats_init(self.st, max_batch)
+        elif self.st.magic != 0x3154534b504b or self.st.max_batch != max_batch:
+            raise ValueError("not a statistics segment of this model")
+
+    @staticmethod
+    def required_size(uint32_t max_batch):
+        return kp_stats_size(max_batch)
+
+    @property
+    def segment(self):
+        return self.seg
+
+    def snapshot(self):
+        """Totals, and {batch size: (executions, compute ns)} for the sizes that ran."""
+        st = self.st
+        by_size = {}
+        for i in range(st.max_batch + 1):
+            if st.by_size[i].count:
+                by_size[i] = (st.by_size[i].count, st.by_size[i].infer_ns)
+        return {
+            "success_count": st.success_count, "success_ns": st.success_ns,
+            "fail_count": st.fail_count, "fail_ns": st.fail_ns,
+            "queue_ns": st.queue_ns, "infer_ns": st.infer_ns,
+            "inference_count": st.inference_count, "execution_count": st.execution_count,
+            "last_inference_ms": st.last_inference_ms, "by_size": by_size,
+        }
+
+
 cdef class Lane:
     """One lane: a ring of `nslots` batch slots of `max_batch` rows of every tensor."""
 
@@ -383,9 +421,12 @@ cdef class Lane:
 
     # ---- worker side ----
 
-    def complete(self, uint64_t seq, int32_t status=0, str message=""):
+    def complete(self, uint64_t seq, int32_t status=0, str message="", StatsBlock stats=None,
+                 uint64_t infer_ns=0):
+        """Publish the batch's outputs (status 0) or its failure, wake its clients, and add it to
+        `stats` (its requests' queue and end-to-end times, and `infer_ns` of compute)."""
         cdef bytes msg = message.encode("utf-8", "replace")[:KP_ERRMSG_BYTES - 1]
-        kp_complete(self.h, seq, status, msg)
+        kp_complete(self.h, seq, status, msg, stats.st if stats is not None else NULL, infer_ns)
 
 
 NONE = KP_NONE

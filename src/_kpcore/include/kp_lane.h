@@ -89,8 +89,9 @@ typedef struct {
     kp_a32 waiters;
     uint32_t nrows; /* rows in the batch, set when taken */
     int32_t batch_status;
+    uint64_t taken_ns; /* when the worker took the batch */
     char errmsg[KP_ERRMSG_BYTES];
-    /* followed by max_batch x kp_a64 row words, then max_batch x uint32_t row_len */
+    /* followed by max_batch x kp_a64 row words, max_batch x uint64_t claim_ns, max_batch x uint32_t row_len */
 } kp_slot_hdr;
 
 typedef struct {
@@ -132,7 +133,7 @@ static inline int kp_lane_layout(kp_lane_hdr *h, uint32_t nslots, uint32_t max_b
     h->max_batch = max_batch;
     h->ntensors = ntensors;
     h->slot_hdr_off = kp_round_up(sizeof(kp_lane_hdr), 64);
-    h->slot_hdr_stride = kp_round_up(sizeof(kp_slot_hdr) + (uint64_t)max_batch * 12u, 64);
+    h->slot_hdr_stride = kp_round_up(sizeof(kp_slot_hdr) + (uint64_t)max_batch * 20u, 64);
     h->data_off = kp_round_up(h->slot_hdr_off + (uint64_t)nslots * h->slot_hdr_stride, 4096);
     uint64_t off = 0;
     for (uint32_t i = 0; i < ntensors; i++) {
@@ -157,8 +158,11 @@ static inline kp_a64 *kp_row_words(kp_lane_hdr *h, kp_slot_hdr *s) {
     (void)h;
     return (kp_a64 *)((char *)s + sizeof(kp_slot_hdr));
 }
+static inline uint64_t *kp_claim_times(kp_lane_hdr *h, kp_slot_hdr *s) {
+    return (uint64_t *)((char *)s + sizeof(kp_slot_hdr) + (uint64_t)h->max_batch * 8u);
+}
 static inline uint32_t *kp_row_lens(kp_lane_hdr *h, kp_slot_hdr *s) {
-    return (uint32_t *)((char *)s + sizeof(kp_slot_hdr) + (uint64_t)h->max_batch * 8u);
+    return (uint32_t *)((char *)s + sizeof(kp_slot_hdr) + (uint64_t)h->max_batch * 16u);
 }
 static inline uint32_t kp_gen(uint64_t w) { return (uint32_t)(w >> 32); }
 static inline uint32_t kp_count(uint64_t w) { return (uint32_t)(w & KP_COUNT_MASK); }
@@ -247,15 +251,18 @@ static inline void kp_slot_reset(kp_lane_hdr *h, kp_slot_hdr *s) {
     uint32_t gen = kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE));
     kp_a64 *rows = kp_row_words(h, s);
     uint32_t *lens = kp_row_lens(h, s);
+    uint64_t *claimed = kp_claim_times(h, s);
     for (uint32_t r = 0; r < h->max_batch; r++) {
         atomic_store_explicit(&rows[r], 0, KP_RELAXED);
         lens[r] = 0;
+        claimed[r] = 0;
     }
     atomic_store_explicit(&s->first_claim_ns, 0, KP_RELAXED);
     atomic_store_explicit(&s->committed, 0, KP_RELAXED);
     atomic_store_explicit(&s->released, 0, KP_RELAXED);
     s->nrows = 0;
     s->batch_status = 0;
+    s->taken_ns = 0;
     s->errmsg[0] = 0;
     atomic_store_explicit(&s->state, KP_SLOT_OPEN, KP_RELAXED);
     /* release: publishes every store above to the claimer that sees the new generation */
@@ -314,6 +321,7 @@ static inline int kp_claim(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint32_t 
                                                     KP_RELAXED);
         }
         kp_row_lens(h, s)[c] = n;
+        kp_claim_times(h, s)[c] = kp_now_ns();
         uint64_t empty = kp_row(0, KP_ROW_EMPTY);
         if (!atomic_compare_exchange_strong_explicit(&kp_row_words(h, s)[c], &empty,
                                                      kp_row(owner, KP_ROW_CLAIMED), KP_ACQ_REL, KP_ACQUIRE))
@@ -492,6 +500,7 @@ static inline int kp_try_take(kp_lane_hdr *h, const kp_batch_policy *p, uint64_t
     uint32_t c = kp_count(w);
     if (c > h->max_batch) c = h->max_batch;
     s->nrows = c;
+    s->taken_ns = now;
     atomic_store_explicit(&s->state, KP_SLOT_TAKEN, KP_RELEASE);
     *seq_out = q;
     *nrows_out = c;
@@ -565,8 +574,90 @@ static inline int kp_next_batch(kp_lane_hdr **lanes, uint32_t nlanes, kp_doorbel
     }
 }
 
+/* Statistics of one model, in a segment the server shares with its workers only (never with clients).
+ * Durations follow Triton's meanings: per request, queue = claim to take, request = claim to done. */
+typedef struct {
+    kp_a64 count;
+    kp_a64 infer_ns;
+} kp_size_stat;
+
+typedef struct {
+    uint64_t magic;
+    uint32_t max_batch;
+    uint32_t _pad;
+    kp_a64 success_count, success_ns;
+    kp_a64 fail_count, fail_ns;
+    kp_a64 queue_ns;
+    kp_a64 infer_ns;       /* per request: the compute of the batch it was in */
+    kp_a64 inference_count; /* samples (rows) of successful requests */
+    kp_a64 execution_count;
+    kp_a64 last_inference_ms;
+    kp_size_stat by_size[]; /* [max_batch + 1], by batch size */
+} kp_stats;
+
+#define KP_STATS_MAGIC 0x3154534b504bULL
+
+static inline uint64_t kp_stats_size(uint32_t max_batch) {
+    return sizeof(kp_stats) + ((uint64_t)max_batch + 1) * sizeof(kp_size_stat);
+}
+
+static inline void kp_stats_init(kp_stats *st, uint32_t max_batch) {
+    memset(st, 0, kp_stats_size(max_batch));
+    st->magic = KP_STATS_MAGIC;
+    st->max_batch = max_batch;
+}
+
+static inline uint64_t kp_wall_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000ull + (uint64_t)ts.tv_nsec / 1000000ull;
+}
+
+/* Add one finished batch to the statistics: walk its requests (first rows) and their claim times. */
+static inline void kp_stats_record(kp_stats *st, kp_lane_hdr *h, kp_slot_hdr *s, int32_t status, uint64_t infer_ns,
+                                   uint64_t done_ns) {
+    kp_a64 *rows = kp_row_words(h, s);
+    uint64_t *claimed = kp_claim_times(h, s);
+    uint32_t *lens = kp_row_lens(h, s);
+    uint32_t c = s->nrows;
+    uint64_t nreq = 0, nsamples = 0, queue = 0, total = 0;
+    uint32_t r = 0;
+    while (r < c) {
+        uint64_t w = atomic_load_explicit(&rows[r], KP_ACQUIRE);
+        uint32_t stt = (uint32_t)(w & 0xff);
+        uint32_t n = lens[r];
+        if (n == 0 || n > c - r) n = 1;
+        if (stt == KP_ROW_COMMITTED || stt == KP_ROW_RELEASED) {
+            uint64_t t = claimed[r];
+            if (t == 0 || t > done_ns) t = done_ns;
+            nreq++;
+            nsamples += n;
+            queue += s->taken_ns > t ? s->taken_ns - t : 0;
+            total += done_ns - t;
+        }
+        r += n;
+    }
+    atomic_fetch_add_explicit(&st->execution_count, 1, KP_RELAXED);
+    if (c <= st->max_batch) {
+        atomic_fetch_add_explicit(&st->by_size[c].count, 1, KP_RELAXED);
+        atomic_fetch_add_explicit(&st->by_size[c].infer_ns, infer_ns, KP_RELAXED);
+    }
+    if (status == 0) {
+        atomic_fetch_add_explicit(&st->success_count, nreq, KP_RELAXED);
+        atomic_fetch_add_explicit(&st->success_ns, total, KP_RELAXED);
+        atomic_fetch_add_explicit(&st->queue_ns, queue, KP_RELAXED);
+        atomic_fetch_add_explicit(&st->infer_ns, infer_ns * nreq, KP_RELAXED);
+        atomic_fetch_add_explicit(&st->inference_count, nsamples, KP_RELAXED);
+    } else {
+        atomic_fetch_add_explicit(&st->fail_count, nreq, KP_RELAXED);
+        atomic_fetch_add_explicit(&st->fail_ns, total, KP_RELAXED);
+    }
+    atomic_store_explicit(&st->last_inference_ms, kp_wall_ms(), KP_RELAXED);
+}
+
 /* The worker finished the batch (status 0 ok): publish outputs and wake the waiting clients. */
-static inline void kp_complete(kp_lane_hdr *h, uint64_t seq, int32_t status, const char *errmsg) {
+static inline void kp_complete(kp_lane_hdr *h, uint64_t seq, int32_t status, const char *errmsg, kp_stats *st,
+                               uint64_t infer_ns) {
     kp_slot_hdr *s = kp_slot(h, seq);
     s->batch_status = status;
     if (status != 0) {
@@ -575,6 +666,7 @@ static inline void kp_complete(kp_lane_hdr *h, uint64_t seq, int32_t status, con
         if (n) memcpy(s->errmsg, errmsg, n);
         s->errmsg[n] = 0;
     }
+    if (st) kp_stats_record(st, h, s, status, infer_ns, kp_now_ns());
     /* release: output rows and status happen-before a client's acquire of DONE */
     atomic_store_explicit(&s->state, KP_SLOT_DONE, KP_SEQ_CST);
     if (atomic_load_explicit(&s->waiters, KP_SEQ_CST) != 0) kp_futex_wake_all(&s->state);

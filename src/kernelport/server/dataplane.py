@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ from kernelport.client.lanes import SERVER_OWNER, ModelInfo, validate_inputs
 from kernelport.errors import KernelPortError, ModelNotFoundError
 from kernelport.repository import ModelSpec, load_model, load_repository
 from kernelport.server.models import READY, UNAVAILABLE, ModelRuntime, ServerOptions
-from kernelport.server.stats import ModelStats, StatsSnapshot
+from kernelport.server.stats import StatsSnapshot, snapshot_from_counters
 
 log = logging.getLogger("kernelport.server")
 
@@ -29,7 +28,6 @@ class DataPlane:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self.models: dict[str, ModelRuntime] = {}
-        self.stats: dict[str, ModelStats] = {}
         self.load_errors: dict[str, str] = {}
         self.lock = threading.RLock()
 
@@ -56,7 +54,6 @@ class DataPlane:
         rt = ModelRuntime(entry, self.options)
         with self.lock:
             self.models[name] = rt
-            self.stats.setdefault(name, ModelStats(name))
         try:
             rt.load()
         except KernelPortError as e:
@@ -127,8 +124,14 @@ class DataPlane:
         return all(rt.state == READY for rt in self.models.values())
 
     def statistics(self, name: str) -> StatsSnapshot:
-        self._runtime(name)
-        return self.stats[name].snapshot()
+        rt = self._runtime(name)
+        version = rt.info.versions[-1] if rt.info else "1"
+        if rt.stats is None:
+            empty = {"by_size": {}, **{k: 0 for k in ("success_count", "success_ns", "fail_count", "fail_ns",
+                                                       "queue_ns", "infer_ns", "inference_count",
+                                                       "execution_count", "last_inference_ms")}}
+            return snapshot_from_counters(name, version, empty)
+        return snapshot_from_counters(name, version, rt.stats.snapshot())
 
     def counters(self, name: str) -> dict[str, int]:
         return self._runtime(name).counters()
@@ -147,13 +150,5 @@ class DataPlane:
                     from kernelport.errors import InvalidInputError
 
                     raise InvalidInputError(f"model '{name}': unknown output '{o}'")
-        stats = self.stats[name]
-        t0 = time.perf_counter_ns()
-        try:
-            lane = rt.lane_for(shapes)
-            result = lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs)
-        except KernelPortError:
-            stats.record_failure(time.perf_counter_ns() - t0)
-            raise
-        stats.record_success(time.perf_counter_ns() - t0, batch_size=n)
-        return result
+        lane = rt.lane_for(shapes)
+        return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs)

@@ -57,11 +57,11 @@ class WorkerHandle:
         self.lock = threading.Lock()
         self.bell: Any = None  # rung after each control message once the worker serves
 
-    def call(self, msg: tuple[Any, ...], fd: int | None = None, timeout: float = 30.0) -> Any:
+    def call(self, msg: tuple[Any, ...], fds: tuple[int, ...] = (), timeout: float = 30.0) -> Any:
         with self.lock:
             try:
                 self.conn.send(msg)
-                if fd is not None:
+                for fd in fds:
                     send_handle(self.conn, fd, self.process.pid)
                 if self.bell is not None:
                     self.bell.ring_control()
@@ -121,6 +121,7 @@ class ModelRuntime:
         self.info: ModelInfo | None = None
         self.workers: list[WorkerHandle] = []
         self.doorbell: Any = None
+        self.stats: Any = None  # _kpcore.StatsBlock, kept by the workers
         self.lanes: dict[str, LaneEntry] = {}
         self.lock = threading.Lock()
         self.next_lane_id = 1
@@ -204,14 +205,19 @@ class ModelRuntime:
                 raise ConfigError(f"model '{self.name}': tensor '{t.name}': reshape is not supported yet")
         seg = _kpcore.Segment.create(_kpcore.DOORBELL_BYTES, f"kp-{self.name}-bell")
         self.doorbell = _kpcore.Doorbell(seg, init=True)
+        max_rows = max(1, spec.max_batch_size)
+        stats_seg = _kpcore.Segment.create(_kpcore.StatsBlock.required_size(max_rows), f"kp-{self.name}-stats")
+        self.stats = _kpcore.StatsBlock(stats_seg, max_rows, init=True)
         policy = batch_policy(spec, self.options.commit_timeout)
         policy.update(_policy_overrides(spec.parameters))
         for w in self.workers:
-            fd = seg.dup_fd()
+            fds = (seg.dup_fd(), stats_seg.dup_fd())
             try:
-                w.call(("start", {"policy": policy, "batching": spec.max_batch_size > 0}), fd=fd)
+                w.call(("start", {"policy": policy, "batching": spec.max_batch_size > 0, "max_rows": max_rows,
+                                  "stats_size": stats_seg.size}), fds=fds)
             finally:
-                os.close(fd)
+                for fd in fds:
+                    os.close(fd)
             w.bell = self.doorbell
 
     def unload(self) -> None:
@@ -292,7 +298,7 @@ class ModelRuntime:
         for w in self.workers:
             fd = seg.dup_fd()
             try:
-                w.call(("lane", layout.to_dict()), fd=fd)
+                w.call(("lane", layout.to_dict()), fds=(fd,))
             finally:
                 os.close(fd)
         return LaneEntry(layout, seg, view, time.monotonic())

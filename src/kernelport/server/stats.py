@@ -14,9 +14,8 @@ read a consistent `snapshot()`. Meanings follow Triton's statistics extension:
 
 from __future__ import annotations
 
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -58,90 +57,28 @@ class StatsSnapshot:
     batch_stats: tuple[BatchStats, ...]  # sorted by batch_size
 
 
-@dataclass
-class ModelStats:
-    """Live, thread-safe statistics of one model version.
+def snapshot_from_counters(name: str, version: str, c: dict[str, Any]) -> StatsSnapshot:
+    """A snapshot from a model's shared statistics block (`_kpcore.StatsBlock.snapshot()`), which its
+    workers keep for every request they run, local and remote alike.
 
-    Writers call `record_success`, `record_failure` and `record_execution` (from any thread); readers call
-    `snapshot()`. Each method takes the lock once, so a snapshot never shows half of a record.
-    """
-
-    name: str
-    version: str = "1"
-    success: Duration = Duration()
-    fail: Duration = Duration()
-    queue: Duration = Duration()
-    compute_input: Duration = Duration()
-    compute_infer: Duration = Duration()
-    compute_output: Duration = Duration()
-    inference_count: int = 0
-    execution_count: int = 0
-    last_inference_ms: int = 0
-    batch_stats: dict[int, BatchStats] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def record_success(
-        self,
-        request_ns: int,
-        *,
-        queue_ns: int = 0,
-        compute_input_ns: int = 0,
-        compute_infer_ns: int = 0,
-        compute_output_ns: int = 0,
-        batch_size: int = 1,
-        finished_ms: int | None = None,
-    ) -> None:
-        """One request finished successfully; `batch_size` is its own batch dimension (1 if unbatched)."""
-        now_ms = int(time.time() * 1000) if finished_ms is None else finished_ms
-        with self._lock:
-            self.success = self.success.plus(request_ns)
-            self.queue = self.queue.plus(queue_ns)
-            self.compute_input = self.compute_input.plus(compute_input_ns)
-            self.compute_infer = self.compute_infer.plus(compute_infer_ns)
-            self.compute_output = self.compute_output.plus(compute_output_ns)
-            self.inference_count += max(0, int(batch_size))
-            self.last_inference_ms = max(self.last_inference_ms, now_ms)
-
-    def record_failure(self, request_ns: int, *, finished_ms: int | None = None) -> None:
-        """One request failed (after it reached the model: invalid requests rejected up front do not count)."""
-        now_ms = int(time.time() * 1000) if finished_ms is None else finished_ms
-        with self._lock:
-            self.fail = self.fail.plus(request_ns)
-            self.last_inference_ms = max(self.last_inference_ms, now_ms)
-
-    def record_execution(
-        self,
-        batch_size: int,
-        *,
-        compute_input_ns: int = 0,
-        compute_infer_ns: int = 0,
-        compute_output_ns: int = 0,
-    ) -> None:
-        """The backend ran one batch of `batch_size` samples."""
-        size = max(0, int(batch_size))
-        with self._lock:
-            self.execution_count += 1
-            prev = self.batch_stats.get(size) or BatchStats(size)
-            self.batch_stats[size] = BatchStats(
-                size,
-                prev.compute_input.plus(compute_input_ns),
-                prev.compute_infer.plus(compute_infer_ns),
-                prev.compute_output.plus(compute_output_ns),
-            )
-
-    def snapshot(self) -> StatsSnapshot:
-        with self._lock:
-            return StatsSnapshot(
-                name=self.name,
-                version=self.version,
-                success=self.success,
-                fail=self.fail,
-                queue=self.queue,
-                compute_input=self.compute_input,
-                compute_infer=self.compute_infer,
-                compute_output=self.compute_output,
-                inference_count=self.inference_count,
-                execution_count=self.execution_count,
-                last_inference_ms=self.last_inference_ms,
-                batch_stats=tuple(self.batch_stats[k] for k in sorted(self.batch_stats)),
-            )
+    Inputs are read from the rows where the client wrote them and outputs are computed into rows, so
+    compute_input and compute_output are zero on this path; compute_infer is the backend's run."""
+    per_size = tuple(
+        BatchStats(size, Duration(int(count), 0), Duration(int(count), int(ns)), Duration(int(count), 0))
+        for size, (count, ns) in sorted(c["by_size"].items())
+    )
+    success = Duration(int(c["success_count"]), int(c["success_ns"]))
+    return StatsSnapshot(
+        name=name,
+        version=version,
+        success=success,
+        fail=Duration(int(c["fail_count"]), int(c["fail_ns"])),
+        queue=Duration(success.count, int(c["queue_ns"])),
+        compute_input=Duration(success.count, 0),
+        compute_infer=Duration(success.count, int(c["infer_ns"])),
+        compute_output=Duration(success.count, 0),
+        inference_count=int(c["inference_count"]),
+        execution_count=int(c["execution_count"]),
+        last_inference_ms=int(c["last_inference_ms"]),
+        batch_stats=per_size,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class Worker:
         self.model = params["model"]
         self.backend: Any = None
         self.bell: Any = None
+        self.stats: Any = None
         self.policy = BatchPolicy()
         self.lane_ids: list[int] = []
         self.lanes: list[LaneView] = []
@@ -74,6 +76,9 @@ class Worker:
     def start(self, payload: dict[str, Any]) -> None:
         fd = recv_handle(self.conn)
         self.bell = _kpcore.Doorbell(_kpcore.Segment.from_fd(fd, _kpcore.DOORBELL_BYTES))
+        fd = recv_handle(self.conn)
+        self.stats = _kpcore.StatsBlock(_kpcore.Segment.from_fd(fd, int(payload["stats_size"])),
+                                        int(payload["max_rows"]))
         self.policy = BatchPolicy.from_dict(payload["policy"])
         self.batching = bool(payload["batching"])
         self.conn.send(("started", None))
@@ -134,19 +139,22 @@ class Worker:
     def serve(self) -> None:
         p = self.policy
         next_batch = _kpcore.next_batch
+        clock = time.perf_counter_ns
+        stats = self.stats
         while True:
             rc = next_batch(self.raw_lanes, self.bell, p.window, p.close_at, p.commit_timeout, 0.1,
                             p.pause_iters, p.idle_spin)
             if type(rc) is tuple:
                 li, seq, n = rc
                 lane = self.raw_lanes[li]
+                t0 = clock()
                 try:
                     self.runner(li, seq, n)()
                 except Exception as e:
                     log.warning("model '%s': batch of %d failed: %s", self.model, n, e)
-                    lane.complete(seq, 1, f"{type(e).__name__}: {e}"[:230])
+                    lane.complete(seq, 1, f"{type(e).__name__}: {e}"[:230], stats, clock() - t0)
                 else:
-                    lane.complete(seq, 0)
+                    lane.complete(seq, 0, "", stats, clock() - t0)
                 continue
             if os.getppid() != self.parent:
                 return  # the server is gone
