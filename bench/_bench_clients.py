@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from kernelport import Client
+from kernelport import Client, KernelPortError
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Target:
     """How a requester reaches the server (picklable: it crosses into spawned client processes)."""
 
     socket_path: str
+    timeout_s: float = 30.0  # per request: a stuck server fails the row instead of stalling the run
 
 
 class Requester(Protocol):
@@ -58,7 +59,7 @@ class LocalCopy:
     """The local client's copy form: `Client.infer` (inputs copied in, outputs copied out)."""
 
     def __init__(self, target: Target, model: str, inputs: Mapping[str, np.ndarray]) -> None:
-        self.client = Client(target.socket_path)
+        self.client = Client(target.socket_path, timeout=target.timeout_s)
         self.model = model
         self.inputs = dict(inputs)
 
@@ -77,7 +78,7 @@ class LocalZeroCopy:
     place (the outputs are views; nothing copies them), release."""
 
     def __init__(self, target: Target, model: str, inputs: Mapping[str, np.ndarray]) -> None:
-        self.client = Client(target.socket_path)
+        self.client = Client(target.socket_path, timeout=target.timeout_s)
         self.model = model
         self.inputs = list(inputs.items())
         self.batch = int(next(iter(inputs.values())).shape[0])
@@ -105,7 +106,7 @@ class LanePingPong:
     the client's internals (`_models`, `lanes`), so it may need updating when they change."""
 
     def __init__(self, target: Target, model: str, inputs: Mapping[str, np.ndarray]) -> None:
-        self.client = Client(target.socket_path)
+        self.client = Client(target.socket_path, timeout=target.timeout_s)
         self.model = model
         self.batch = int(next(iter(inputs.values())).shape[0])
         with self.client.request(model, batch=self.batch) as req:  # maps the lane of these shapes
@@ -117,11 +118,12 @@ class LanePingPong:
             raise RuntimeError(f"model '{model}': expected one mapped lane, found {len(lanes)}")
         self.lane = next(iter(lanes.values())).lane
         self.owner = self.client.owner
+        self.timeout = target.timeout_s
 
     def __call__(self) -> None:
         lane, n, owner = self.lane, self.batch, self.owner
-        seq, row = lane.claim(n, owner, 10.0)
-        status = lane.commit_and_wait(seq, row, n, owner, 10.0)
+        seq, row = lane.claim(n, owner, self.timeout)
+        status = lane.commit_and_wait(seq, row, n, owner, self.timeout)
         lane.release(seq, row, n, owner)
         if status != 0:
             raise RuntimeError(f"model '{self.model}': lane round trip failed with status {status}")
@@ -161,7 +163,9 @@ def client_process_main(conn: Connection, target: Target, index: int, barrier: B
 
     Per run: make the requester, warm up, wait on the barrier twice (the parent reads the counters in
     between: all clients warm, none timing yet), then do requests for `duration_s` and send back
-    (first start ns, last end ns, latencies ns as int64 bytes), or ("error", text).
+    ("ok", first start ns, last end ns, latencies ns as int64 bytes, {error type: count}), or
+    ("error", text): exactly one
+    reply per run. On an error the barrier is aborted, so nobody waits for this process.
     """
     while True:
         job = conn.recv()
@@ -169,20 +173,43 @@ def client_process_main(conn: Connection, target: Target, index: int, barrier: B
             return
         try:
             conn.send(_run_load(job, target, index, barrier))
-        except Exception as exc:  # noqa: BLE001 -- reported to the parent, which stops the benchmark
+        except Exception as exc:  # reported to the parent, which records the failure
             barrier.abort()
             conn.send(("error", f"client {index}: {type(exc).__name__}: {exc}"))
 
 
-def _run_load(job: LoadRun, target: Target, index: int, barrier: Barrier) -> tuple[str, int, int, bytes]:
+MAX_CONSECUTIVE_ERRORS = 20  # then the server is not just slow: fail the row
+
+
+def _run_load(job: LoadRun, target: Target, index: int,
+              barrier: Barrier) -> tuple[str, int, int, bytes, dict[str, int]]:
     inputs = make_inputs(job.info, 1, seed=1000 + index)
     requester = REQUESTERS[job.path](target, job.model, inputs)
+    # A request the server fails (say, a commit timeout when this process was descheduled between claim
+    # and commit) is counted by error type, not timed, and the run goes on: the row reports the count.
+    errors: dict[str, int] = {}
+    streak = 0
+
+    def attempt() -> bool:
+        nonlocal streak
+        try:
+            requester()
+        except KernelPortError as exc:
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            streak += 1
+            if streak >= MAX_CONSECUTIVE_ERRORS:
+                raise
+            return False
+        streak = 0
+        return True
+
     try:
         clock = time.perf_counter_ns
         warm_until = clock() + int(job.warmup_s * 1e9)
-        requester()
+        attempt()
         while clock() < warm_until:
-            requester()
+            attempt()
+        errors.clear()
         barrier.wait(job.barrier_timeout_s)  # all warm
         barrier.wait(job.barrier_timeout_s)  # the parent has read the counters: go
         latencies: list[int] = []
@@ -192,9 +219,10 @@ def _run_load(job: LoadRun, target: Target, index: int, barrier: Barrier) -> tup
         end = start
         while end < deadline:
             t0 = clock()
-            requester()
+            ok = attempt()
             end = clock()
-            record(end - t0)
-        return ("ok", start, end, np.asarray(latencies, dtype=np.int64).tobytes())
+            if ok:
+                record(end - t0)
+        return ("ok", start, end, np.asarray(latencies, dtype=np.int64).tobytes(), errors)
     finally:
         requester.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -332,8 +333,10 @@ def test_load_checks_the_spec_against_the_model(example_repo: str) -> None:
     path = os.path.join(example_repo, "add_sub", "1")
     with pytest.raises(ConfigError, match="model 'add_sub' input 'INPUTX': not an input of the ONNX model"):
         load_backend("onnxruntime").load(path, _spec("add_sub", 16, ["INPUT0", "INPUTX"], ["OUTPUT0"]))
-    with pytest.raises(ConfigError, match="input 'INPUT1' is missing from the config"):
-        load_backend("onnxruntime").load(path, _spec("add_sub", 16, ["INPUT0"], ["OUTPUT0"]))
+    # a partial config loads: the server completes it from io_signature() before serving
+    partial = load_backend("onnxruntime")
+    partial.load(path, _spec("add_sub", 16, ["INPUT0"], ["OUTPUT0"]))
+    assert [t.name for t in partial.io_signature()[0]] == ["INPUT0", "INPUT1"]
     with pytest.raises(ConfigError, match="output 'OUT': not an output"):
         load_backend("onnxruntime").load(path, _spec("add_sub", 16, ["INPUT0", "INPUT1"], ["OUT"]))
     nobatch = os.path.join(example_repo, "add_sub_nobatch", "1")
@@ -417,15 +420,10 @@ def test_load_backend_names_and_aliases() -> None:
         load_backend("caffe2")
 
 
-@pytest.mark.parametrize(
-    ("platform", "package"),
-    [("tensorflow", "tensorflow"), ("pytorch_libtorch", "torch"), ("tensorrt", "tensorrt")],
-)
-def test_unimplemented_backends_are_unavailable(platform: str, package: str) -> None:
-    before = set(sys.modules)
-    with pytest.raises(BackendUnavailableError, match=f"backend is not implemented yet.*'{package}'"):
-        load_backend(platform)
-    assert package not in set(sys.modules) - before  # asking imported no framework
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_missing_framework_is_a_clear_error() -> None:
+    with pytest.raises(BackendUnavailableError, match="kernelport\\[tensorrt\\]"):
+        load_backend("tensorrt")
 
 
 def test_missing_framework_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -255,7 +256,11 @@ def test_client_killed_while_waiting_leaks_nothing(server: ServerProcess, client
             out = c2.infer(model, {"INPUT0": a, "INPUT1": a}, timeout=20)
             np.testing.assert_array_equal(out["OUTPUT0"], a + a)
     assert sorted(os.listdir("/dev/shm")) == shm_before
-    assert _server_fds(server.pid) <= fds_before  # every victim's connection and descriptors are closed
+    # every victim's connection and descriptors are closed (the server closes the last one just after us)
+    deadline = time.monotonic() + 10
+    while _server_fds(server.pid) > fds_before and time.monotonic() < deadline:
+        threading.Event().wait(0.05)
+    assert _server_fds(server.pid) <= fds_before
 
 
 def test_server_gone_and_clean_shutdown(served_repo: str, tmp_path) -> None:
@@ -273,3 +278,129 @@ def test_server_gone_and_clean_shutdown(served_repo: str, tmp_path) -> None:
     with pytest.raises(ServerUnavailableError, match="no KernelPort server"):
         Client(sock)
     assert sorted(os.listdir("/dev/shm")) == shm_before
+
+
+# ---- shape-aware lanes, eviction and BYTES, on a server of their own ------------------------------------
+
+
+def _write_model(repo: str, name: str, graph_nodes: list, inputs: list, outputs: list, config: str) -> None:
+    import onnx
+    from onnx import helper
+
+    os.makedirs(os.path.join(repo, name, "1"), exist_ok=True)
+    graph = helper.make_graph(graph_nodes, name, inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, os.path.join(repo, name, "1", "model.onnx"))
+    with open(os.path.join(repo, name, "config.pbtxt"), "w") as f:
+        f.write(config)
+
+
+@pytest.fixture(scope="module")
+def shapes_server(tmp_path_factory):
+    from onnx import TensorProto, helper
+
+    repo = str(tmp_path_factory.mktemp("shapes_repo"))
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    # variable length per sample, output length follows the input's: the server asks the worker
+    _write_model(
+        repo, "scale",
+        [helper.make_node("Constant", [], ["c"], value=two), helper.make_node("Mul", ["INPUT0", "c"], ["OUTPUT0"])],
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, [None, None])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, [None, None])],
+        'name: "scale"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
+        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\ndynamic_batching { }\n')
+    _write_model(
+        repo, "identity_bytes",
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        [helper.make_tensor_value_info("INPUT0", TensorProto.STRING, [None, 4])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, [None, 4])],
+        'name: "identity_bytes"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+        'input [ { name: "INPUT0" data_type: TYPE_STRING dims: [ 4 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_STRING dims: [ 4 ] } ]\ndynamic_batching { }\n')
+    # no config.pbtxt at all: completed from the ONNX model (Triton's auto-complete)
+    _write_model(
+        repo, "auto_add",
+        [helper.make_node("Add", ["A", "B"], ["SUM"])],
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, 3]),
+         helper.make_tensor_value_info("B", TensorProto.FLOAT, [None, 3])],
+        [helper.make_tensor_value_info("SUM", TensorProto.FLOAT, [None, 3])],
+        "")
+    os.remove(os.path.join(repo, "auto_add", "config.pbtxt"))
+    sock = str(tmp_path_factory.mktemp("shapes_sock") / "kp.sock")
+    srv = ServerProcess(repo, sock, "--max-lanes-per-model", "2")
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+def test_variable_shapes_get_their_own_lanes_and_idle_ones_are_evicted(shapes_server: ServerProcess) -> None:
+    with Client(shapes_server.socket_path) as c:
+        # five lengths through a model allowed two lanes at once: the idle ones make room
+        for length in (3, 5, 7, 3, 9, 5):
+            x = rand(2, length, seed=length)
+            out = c.infer("scale", {"INPUT0": x})["OUTPUT0"]
+            np.testing.assert_array_equal(out, x * 2)
+        # the zero-copy form needs the variable dims
+        with c.request("scale", batch=1, shapes={"INPUT0": [6]}) as req:
+            req.inputs["INPUT0"][:] = 1.5
+            np.testing.assert_array_equal(req.run()["OUTPUT0"], np.full((1, 6), 3.0, np.float32))
+        with pytest.raises(InvalidInputError, match="give `shapes`"):
+            c.request("scale", batch=1)
+        # two shapes whose outputs are held (not released) fill the lane budget: a third is refused, clearly
+        with c.request("scale", batch=1, shapes={"INPUT0": [11]}) as r1:
+            r1.inputs["INPUT0"][:] = 1
+            r1.run()
+            with c.request("scale", batch=1, shapes={"INPUT0": [12]}) as r2:
+                r2.inputs["INPUT0"][:] = 1
+                r2.run()
+                with pytest.raises(InvalidInputError, match="too many distinct input shapes"):
+                    c.infer("scale", {"INPUT0": rand(1, 13)})
+                assert np.all(r1.outputs["OUTPUT0"] == 2) and np.all(r2.outputs["OUTPUT0"] == 2)
+        np.testing.assert_array_equal(c.infer("scale", {"INPUT0": rand(1, 13)})["OUTPUT0"], rand(1, 13) * 2)
+
+
+def test_bytes_tensors(shapes_server: ServerProcess) -> None:
+    with Client(shapes_server.socket_path) as c:
+        x = np.array([[b"hello", "w\u00f6rld", b"", b"x" * 100], [b"a", b"b", b"c", b"d"]], dtype=object)
+        out = c.infer("identity_bytes", {"INPUT0": x})["OUTPUT0"]
+        assert out.shape == (2, 4)
+        assert out.tolist() == [[b"hello", "w\u00f6rld".encode(), b"", b"x" * 100], [b"a", b"b", b"c", b"d"]]
+        with pytest.raises(InvalidInputError, match="expected BYTES"):
+            c.infer("identity_bytes", {"INPUT0": rand(1, 4)})
+        with pytest.raises(InvalidInputError, match="use infer"):
+            c.request("identity_bytes")
+
+
+def test_model_without_config_is_completed_from_the_model(shapes_server: ServerProcess) -> None:
+    with Client(shapes_server.socket_path) as c:
+        meta = c.model_metadata("auto_add")
+        assert meta["max_batch_size"] == 4  # every dim 0 is dynamic: batching on, Triton's default size
+        inputs = [(t["name"], t["datatype"], t["dims"]) for t in meta["inputs"]]
+        assert inputs == [("A", "FP32", [3]), ("B", "FP32", [3])]
+        assert [(t["name"], t["dims"]) for t in meta["outputs"]] == [("SUM", [3])]
+        a, b = rand(4, 3, seed=1), rand(4, 3, seed=2)
+        np.testing.assert_array_equal(c.infer("auto_add", {"A": a, "B": b})["SUM"], a + b)
+
+
+def test_sigint_shuts_down_cleanly(served_repo: str, tmp_path) -> None:
+    sock = str(tmp_path / "int.sock")
+    srv = ServerProcess(served_repo, sock)
+    with Client(sock) as c:
+        a = rand(1, 16)
+        np.testing.assert_array_equal(c.infer("add_sub", {"INPUT0": a, "INPUT1": a})["OUTPUT0"], a + a)
+    workers = _children(srv.pid)
+    assert len(workers) >= 4  # one worker process per model instance
+    srv.proc.send_signal(signal.SIGINT)
+    assert srv.proc.wait(30) == 0, srv.log()
+    assert not os.path.exists(sock)
+    for pid in workers:  # every worker is gone too
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out

@@ -74,6 +74,7 @@ cdef extern from "kp_lane.h" nogil:
     int kp_commit(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint32_t row, uint32_t n, uint32_t owner)
     int kp_wait_done(kp_lane_hdr *h, uint64_t seq, uint64_t deadline_ns, const kp_spin *spin)
     int kp_release(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint32_t row, uint32_t n, uint32_t owner)
+    int kp_lane_idle(kp_lane_hdr *h)
     uint32_t kp_reclaim_owner(kp_lane_hdr *h, kp_doorbell *d, uint32_t owner)
     int kp_next_batch(kp_lane_hdr **lanes, uint32_t nlanes, kp_doorbell *d, const kp_batch_policy *p,
                       uint32_t *lane_out, uint64_t *seq_out, uint32_t *nrows_out)

@@ -85,7 +85,7 @@ cdef int _raise(int rc) except -1:
     if rc == KP_E_RETIRED:
         raise LaneRetired("lane is retired")
     if rc == KP_E_INVALID:
-        raise ValueError("row range out of bounds")
+        raise ValueError("invalid claim: owner must be nonzero, and rows and count must match a claim")
     raise LaneError(f"lane error {rc}")
 
 
@@ -401,6 +401,10 @@ cdef class Lane:
         """Give back every row a gone client held; returns how many requests it had."""
         return kp_reclaim_owner(self.h, self.bell.db, owner)
 
+    def idle(self):
+        """No slot holds a claim, a batch or an unreleased row (retire the lane first)."""
+        return bool(kp_lane_idle(self.h))
+
     def set_status(self, uint32_t status):
         if status not in (KP_LANE_LIVE, KP_LANE_RETIRED, KP_LANE_DEAD):
             raise ValueError("unknown lane status")
@@ -425,6 +429,8 @@ cdef class Lane:
                  uint64_t infer_ns=0):
         """Publish the batch's outputs (status 0) or its failure, wake its clients, and add it to
         `stats` (its requests' queue and end-to-end times, and `infer_ns` of compute)."""
+        if status < 0:
+            raise ValueError("a batch status is 0 (ok) or positive (failed)")
         cdef bytes msg = message.encode("utf-8", "replace")[:KP_ERRMSG_BYTES - 1]
         kp_complete(self.h, seq, status, msg, stats.st if stats is not None else NULL, infer_ns)
 

@@ -10,9 +10,10 @@
  * when every row of q has been released and the worker has finished it, so a stale client (one
  * holding an old q) can never match a reused slot.
  *
- * Row words: (owner << 32) | state, on the first row of each request; `row_len` holds the request's
- * row count. Owner ids are never reused, so a compare-and-swap on (owner, state) cannot hit a row
- * that was since claimed by someone else.
+ * Row words: (owner << 32) | (generation & 0xffffff) << 8 | state, on the first row of each request;
+ * `row_len` holds the request's row count. Owner ids are never reused and every row CAS compares the
+ * generation too, so a compare-and-swap cannot hit a row of a later use of the slot, even by the same
+ * owner (a client stalled between its checks and its CAS).
  *
  * No pointers and no Python objects live in the segment; every count read from it is clamped.
  */
@@ -167,7 +168,10 @@ static inline uint32_t *kp_row_lens(kp_lane_hdr *h, kp_slot_hdr *s) {
 static inline uint32_t kp_gen(uint64_t w) { return (uint32_t)(w >> 32); }
 static inline uint32_t kp_count(uint64_t w) { return (uint32_t)(w & KP_COUNT_MASK); }
 static inline int kp_closed(uint64_t w) { return (w & KP_CLOSED_BIT) != 0; }
-static inline uint64_t kp_row(uint32_t owner, uint32_t state) { return ((uint64_t)owner << 32) | state; }
+static inline uint64_t kp_row(uint32_t owner, uint64_t seq, uint32_t state) {
+    return ((uint64_t)owner << 32) | ((seq & 0xffffffull) << 8) | state;
+}
+static inline uint64_t kp_row_with_state(uint64_t w, uint32_t state) { return (w & ~0xffull) | state; }
 
 /* Initialise a lane in shared memory; `layout` was filled by kp_lane_layout. */
 static inline void kp_lane_init(kp_lane_hdr *h, const kp_lane_hdr *layout) {
@@ -175,6 +179,8 @@ static inline void kp_lane_init(kp_lane_hdr *h, const kp_lane_hdr *layout) {
     for (uint32_t i = 0; i < h->nslots; i++) {
         kp_slot_hdr *s = kp_slot(h, i);
         memset(s, 0, h->slot_hdr_stride);
+        kp_a64 *rows = kp_row_words(h, s);
+        for (uint32_t r = 0; r < h->max_batch; r++) atomic_store_explicit(&rows[r], kp_row(0, i, KP_ROW_EMPTY), KP_RELAXED);
         atomic_store_explicit(&s->word, (uint64_t)i << 32, KP_RELAXED);
     }
     atomic_store_explicit(&h->open_seq, 0, KP_RELAXED);
@@ -249,11 +255,12 @@ static inline void kp_ring_control(kp_doorbell *d) {
 
 static inline void kp_slot_reset(kp_lane_hdr *h, kp_slot_hdr *s) {
     uint32_t gen = kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE));
+    uint32_t next = gen + h->nslots;
     kp_a64 *rows = kp_row_words(h, s);
     uint32_t *lens = kp_row_lens(h, s);
     uint64_t *claimed = kp_claim_times(h, s);
     for (uint32_t r = 0; r < h->max_batch; r++) {
-        atomic_store_explicit(&rows[r], 0, KP_RELAXED);
+        atomic_store_explicit(&rows[r], kp_row(0, next, KP_ROW_EMPTY), KP_RELAXED);
         lens[r] = 0;
         claimed[r] = 0;
     }
@@ -266,7 +273,7 @@ static inline void kp_slot_reset(kp_lane_hdr *h, kp_slot_hdr *s) {
     s->errmsg[0] = 0;
     atomic_store_explicit(&s->state, KP_SLOT_OPEN, KP_RELAXED);
     /* release: publishes every store above to the claimer that sees the new generation */
-    atomic_store_explicit(&s->word, (uint64_t)(uint32_t)(gen + h->nslots) << 32, KP_RELEASE);
+    atomic_store_explicit(&s->word, (uint64_t)next << 32, KP_RELEASE);
     atomic_fetch_add_explicit(&h->free_seq, 1, KP_SEQ_CST);
     if (atomic_load_explicit(&h->free_waiters, KP_SEQ_CST) != 0) kp_futex_wake_all(&h->free_seq);
 }
@@ -322,13 +329,25 @@ static inline int kp_claim(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint32_t 
         }
         kp_row_lens(h, s)[c] = n;
         kp_claim_times(h, s)[c] = kp_now_ns();
-        uint64_t empty = kp_row(0, KP_ROW_EMPTY);
+        uint64_t empty = kp_row(0, q, KP_ROW_EMPTY);
         if (!atomic_compare_exchange_strong_explicit(&kp_row_words(h, s)[c], &empty,
-                                                     kp_row(owner, KP_ROW_CLAIMED), KP_ACQ_REL, KP_ACQUIRE))
+                                                     kp_row(owner, q, KP_ROW_CLAIMED), KP_ACQ_REL, KP_ACQUIRE))
             continue; /* the worker already gave these rows up (only after a commit timeout): claim again */
         if (nw & KP_CLOSED_BIT) {
             uint64_t expect = q;
             atomic_compare_exchange_strong_explicit(&h->open_seq, &expect, q + 1, KP_ACQ_REL, KP_ACQUIRE);
+        }
+        if (atomic_load_explicit(&h->status, KP_SEQ_CST) != KP_LANE_LIVE) {
+            /* the lane was retired (or died) while we claimed: the server may already consider it
+             * idle, so give the rows back instead of using them */
+            kp_a64 *rw = &kp_row_words(h, s)[c];
+            uint64_t mine = kp_row(owner, q, KP_ROW_CLAIMED);
+            if (atomic_compare_exchange_strong_explicit(rw, &mine, kp_row(owner, q, KP_ROW_ABANDONED), KP_ACQ_REL,
+                                                        KP_ACQUIRE)) {
+                atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
+                kp_add_released(h, s, n);
+            }
+            return atomic_load_explicit(&h->status, KP_ACQUIRE) == KP_LANE_DEAD ? KP_E_DEAD : KP_E_RETIRED;
         }
         atomic_fetch_add_explicit(&h->counters.claims, 1, KP_RELAXED);
         *seq_out = q;
@@ -339,7 +358,9 @@ static inline int kp_claim(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint32_t 
 
 static inline int kp_check_claim(kp_lane_hdr *h, uint64_t seq, uint32_t row, uint32_t n) {
     if (n == 0 || row >= h->max_batch || n > h->max_batch - row) return KP_E_INVALID;
-    if (kp_gen(atomic_load_explicit(&kp_slot(h, seq)->word, KP_ACQUIRE)) != (uint32_t)seq) return KP_E_ABANDONED;
+    kp_slot_hdr *s = kp_slot(h, seq);
+    if (kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)) != (uint32_t)seq) return KP_E_ABANDONED;
+    if (kp_row_lens(h, s)[row] != n) return KP_E_INVALID; /* not the request that was claimed there */
     return KP_OK;
 }
 
@@ -353,10 +374,10 @@ static inline int kp_commit(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint32
      * not abandon, and abandoning makes the CAS below fail); checked first, since once we commit
      * the batch may finish at any moment. */
     if (atomic_load_explicit(&s->state, KP_ACQUIRE) == KP_SLOT_DONE) return KP_E_ABANDONED;
-    uint64_t expect = kp_row(owner, KP_ROW_CLAIMED);
+    uint64_t expect = kp_row(owner, seq, KP_ROW_CLAIMED);
     /* release: the input bytes written into the rows happen-before the worker's acquire of this word */
     if (!atomic_compare_exchange_strong_explicit(&kp_row_words(h, s)[row], &expect,
-                                                 kp_row(owner, KP_ROW_COMMITTED), KP_ACQ_REL, KP_ACQUIRE))
+                                                 kp_row(owner, seq, KP_ROW_COMMITTED), KP_ACQ_REL, KP_ACQUIRE))
         return KP_E_ABANDONED;
     atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
     kp_ring(d);
@@ -370,7 +391,12 @@ static inline int kp_wait_done(kp_lane_hdr *h, uint64_t seq, uint64_t deadline_n
     for (;;) {
         if (kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)) != (uint32_t)seq) return KP_E_ABANDONED;
         uint32_t st = atomic_load_explicit(&s->state, KP_ACQUIRE);
-        if (st == KP_SLOT_DONE) return s->batch_status;
+        if (st == KP_SLOT_DONE) {
+            int32_t status = s->batch_status;
+            /* the slot may have been reset (our rows abandoned) between the two loads: check again */
+            if (kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)) != (uint32_t)seq) return KP_E_ABANDONED;
+            return status;
+        }
         int rc = kp_wait_word(&s->state, st, &s->waiters, &h->status, deadline_ns, spin, &h->counters.client_sleeps);
         if (rc == KP_E_TIMEOUT || rc == KP_E_DEAD) return rc;
     }
@@ -382,14 +408,14 @@ static inline int kp_release(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint3
     if (rc != KP_OK) return rc;
     kp_slot_hdr *s = kp_slot(h, seq);
     kp_a64 *rw = &kp_row_words(h, s)[row];
-    uint64_t expect = kp_row(owner, KP_ROW_COMMITTED);
-    if (atomic_compare_exchange_strong_explicit(rw, &expect, kp_row(owner, KP_ROW_RELEASED), KP_ACQ_REL,
+    uint64_t expect = kp_row(owner, seq, KP_ROW_COMMITTED);
+    if (atomic_compare_exchange_strong_explicit(rw, &expect, kp_row(owner, seq, KP_ROW_RELEASED), KP_ACQ_REL,
                                                 KP_ACQUIRE)) {
         kp_add_released(h, s, n);
         return KP_OK;
     }
-    expect = kp_row(owner, KP_ROW_CLAIMED);
-    if (atomic_compare_exchange_strong_explicit(rw, &expect, kp_row(owner, KP_ROW_ABANDONED), KP_ACQ_REL,
+    expect = kp_row(owner, seq, KP_ROW_CLAIMED);
+    if (atomic_compare_exchange_strong_explicit(rw, &expect, kp_row(owner, seq, KP_ROW_ABANDONED), KP_ACQ_REL,
                                                 KP_ACQUIRE)) {
         atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
         kp_ring(d);
@@ -397,6 +423,18 @@ static inline int kp_release(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint3
         return KP_OK;
     }
     return KP_E_ABANDONED;
+}
+
+/* Server side: no slot holds a claim, a batch or an unreleased row. Meaningful once the lane is
+ * retired (no new claims can start). */
+static inline int kp_lane_idle(kp_lane_hdr *h) {
+    for (uint32_t i = 0; i < h->nslots; i++) {
+        kp_slot_hdr *s = kp_slot(h, i);
+        uint64_t w = atomic_load_explicit(&s->word, KP_SEQ_CST);
+        if (kp_count(w) != 0 || kp_closed(w)) return 0;
+        if (atomic_load_explicit(&s->state, KP_ACQUIRE) != KP_SLOT_OPEN) return 0;
+    }
+    return 1;
 }
 
 /* Server side: give back every row a gone client held. Returns the number of requests reclaimed. */
@@ -413,7 +451,7 @@ static inline uint32_t kp_reclaim_owner(kp_lane_hdr *h, kp_doorbell *d, uint32_t
             if (n == 0 || n > h->max_batch - r) n = 1;
             uint32_t st = (uint32_t)(w & 0xff);
             if (st == KP_ROW_CLAIMED &&
-                atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row(owner, KP_ROW_ABANDONED), KP_ACQ_REL,
+                atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row_with_state(w, KP_ROW_ABANDONED), KP_ACQ_REL,
                                                         KP_ACQUIRE)) {
                 atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
                 atomic_fetch_add_explicit(&h->counters.abandoned_rows, n, KP_RELAXED);
@@ -421,7 +459,7 @@ static inline uint32_t kp_reclaim_owner(kp_lane_hdr *h, kp_doorbell *d, uint32_t
                 kp_add_released(h, s, n);
                 found++;
             } else if (st == KP_ROW_COMMITTED &&
-                       atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row(owner, KP_ROW_RELEASED),
+                       atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row_with_state(w, KP_ROW_RELEASED),
                                                                KP_ACQ_REL, KP_ACQUIRE)) {
                 kp_add_released(h, s, n);
                 found++;
@@ -444,12 +482,12 @@ static inline void kp_abandon_uncommitted(kp_lane_hdr *h, kp_slot_hdr *s, uint32
         uint32_t n = lens[r];
         if (n == 0 || n > c - r) n = 1;
         if (st == KP_ROW_EMPTY) {
-            if (!atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row(0, KP_ROW_ABANDONED), KP_ACQ_REL,
+            if (!atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row_with_state(w, KP_ROW_ABANDONED), KP_ACQ_REL,
                                                          KP_ACQUIRE))
                 continue; /* the claimer just marked it: look again */
             n = 1;
         } else if (st == KP_ROW_CLAIMED) {
-            if (!atomic_compare_exchange_strong_explicit(&rows[r], &w, (w & ~0xffull) | KP_ROW_ABANDONED,
+            if (!atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row_with_state(w, KP_ROW_ABANDONED),
                                                          KP_ACQ_REL, KP_ACQUIRE))
                 continue;
         } else {

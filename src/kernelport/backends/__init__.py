@@ -38,9 +38,9 @@ _FRAMEWORKS: dict[str, tuple[str, str]] = {
 # backend name -> (module, class), or None while the backend is not written yet.
 _IMPLEMENTATIONS: dict[str, tuple[str, str] | None] = {
     "onnxruntime": ("kernelport.backends.onnxruntime", "OnnxRuntimeBackend"),
-    "pytorch": None,
-    "tensorflow": None,
-    "tensorrt": None,
+    "pytorch": ("kernelport.backends.torch", "TorchBackend"),
+    "tensorflow": ("kernelport.backends.tensorflow", "TensorFlowBackend"),
+    "tensorrt": ("kernelport.backends.tensorrt", "TensorRTBackend"),
 }
 
 PLATFORMS: tuple[str, ...] = tuple(_FRAMEWORKS)

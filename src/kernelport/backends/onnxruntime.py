@@ -18,7 +18,26 @@ Session options come from the model's `parameters`, with the keys of Triton's on
 
 The defaults favour latency on a small CPU: one intra-op thread (no thread pool to wake, no spinning threads
 competing with the batching loop), sequential execution, all graph optimizations. Other keys are ignored, as
-Triton ignores them. Only the CPU execution provider is used for now.
+Triton ignores them.
+
+Execution providers come from the config as Triton's onnxruntime backend reads them: ``instance_group``'s
+``kind`` and ``optimization { execution_accelerators { gpu_execution_accelerator [...]
+cpu_execution_accelerator [...] } }``:
+
+- ``KIND_GPU``: the GPU accelerators listed (``tensorrt`` -> TensorrtExecutionProvider, ``cuda`` ->
+  CUDAExecutionProvider), then CUDAExecutionProvider, then the CPU accelerators, then CPUExecutionProvider.
+  ``KIND_AUTO`` (or no instance_group) is the same when this onnxruntime has CUDAExecutionProvider or the
+  config lists a GPU accelerator, and CPU otherwise. ``KIND_CPU``: CPU accelerators and CPU only.
+- ``tensorrt`` accelerator parameters: Triton's ``precision_mode`` (FP32, FP16 -> ``trt_fp16_enable``, INT8 ->
+  ``trt_int8_enable``), ``max_workspace_size_bytes`` (-> ``trt_max_workspace_size``),
+  ``int8_calibration_table_name``, ``int8_use_native_calibration_table``, and any ``trt_*`` option of
+  ONNX Runtime's TensorRT provider, passed unchanged. ``cuda`` accelerator parameters are CUDA provider
+  options, passed unchanged. CPU accelerator: ``openvino`` -> OpenVINOExecutionProvider (parameters unchanged).
+- The GPU is the first one ``instance_group`` lists (``gpus``), 0 when none: ``device_id`` of the providers.
+- A requested provider this onnxruntime does not have (``onnxruntime.get_available_providers()``) is left
+  out, with one warning line at load naming the model and the missing providers. ``providers()`` says which
+  providers the session really runs on (ONNX Runtime itself drops a provider it cannot start, e.g. CUDA
+  without a GPU), and ``device()`` follows the first of them: ``cuda:<gpu>`` or ``cpu``.
 
 In-place outputs: an output bound to a preallocated CPU buffer is written by ORT into that buffer. The one
 case found where it is not is an output that *is* a graph input (a pass-through): ORT then returns the
@@ -31,7 +50,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -48,7 +67,7 @@ from kernelport.backends.base import (
 )
 from kernelport.errors import ConfigError
 
-__all__ = ["OnnxRuntimeBackend", "session_options_from_parameters"]
+__all__ = ["OnnxRuntimeBackend", "execution_providers", "session_options_from_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +172,115 @@ def session_options_from_parameters(parameters: Mapping[str, str], model: str = 
     return options
 
 
+# Triton's accelerator names -> ONNX Runtime execution providers.
+_GPU_ACCELERATORS: dict[str, str] = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_CPU_ACCELERATORS: dict[str, str] = {"openvino": "OpenVINOExecutionProvider"}
+_CPU_PROVIDER = "CPUExecutionProvider"
+_CUDA_PROVIDER = "CUDAExecutionProvider"
+_GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+# Triton's tensorrt accelerator parameters -> TensorRT provider options (trt_* keys pass unchanged).
+_TENSORRT_OPTIONS: dict[str, str] = {
+    "max_workspace_size_bytes": "trt_max_workspace_size",
+    "int8_calibration_table_name": "trt_int8_calibration_table_name",
+    "int8_use_native_calibration_table": "trt_int8_use_native_calibration_table",
+}
+
+ProviderRequest = tuple[str, dict[str, str]]
+
+
+def _gpu_of(spec: Any) -> int:
+    for group in getattr(spec, "instance_groups", ()) or ():
+        gpus = tuple(getattr(group, "gpus", ()) or ())
+        if gpus:
+            return int(gpus[0])
+    return 0
+
+
+def _accelerators(spec: Any) -> tuple[list[tuple[str, dict[str, str]]], list[tuple[str, dict[str, str]]]]:
+    """The config's (gpu, cpu) execution accelerators as (name, parameters), from spec.proto."""
+    proto = getattr(spec, "proto", None)
+    if proto is None or not proto.HasField("optimization"):
+        return [], []
+    accelerators = proto.optimization.execution_accelerators
+    gpu = [(a.name, dict(a.parameters)) for a in accelerators.gpu_execution_accelerator]
+    cpu = [(a.name, dict(a.parameters)) for a in accelerators.cpu_execution_accelerator]
+    return gpu, cpu
+
+
+def _tensorrt_options(model: str, parameters: Mapping[str, str], device_id: int) -> dict[str, str]:
+    options = {"device_id": str(device_id)}
+    for key, value in parameters.items():
+        if key == "precision_mode":
+            mode = value.strip().upper()
+            if mode == "FP16":
+                options["trt_fp16_enable"] = "True"
+            elif mode == "INT8":
+                options["trt_int8_enable"] = "True"
+            elif mode != "FP32":
+                raise ConfigError(
+                    f"model '{model}' tensorrt accelerator parameter 'precision_mode': expected FP32, FP16 or "
+                    f"INT8, got '{value}'"
+                )
+        elif key in _TENSORRT_OPTIONS:
+            options[_TENSORRT_OPTIONS[key]] = value
+        elif key.startswith("trt_") or key == "device_id":
+            options[key] = value
+        else:
+            raise ConfigError(
+                f"model '{model}' tensorrt accelerator parameter '{key}': unknown (expected precision_mode, "
+                f"max_workspace_size_bytes, int8_calibration_table_name, int8_use_native_calibration_table "
+                f"or a trt_* option of ONNX Runtime's TensorRT provider)"
+            )
+    return options
+
+
+def execution_providers(spec: Any, available: Sequence[str]) -> tuple[list[ProviderRequest], list[str]]:
+    """The execution providers a model's config asks for, in order, with their options, and the names of
+    those `available` lacks (left out of the first list). CPUExecutionProvider always comes last.
+
+    Raises ConfigError naming the model for an accelerator name or parameter it does not know.
+    """
+    model = str(getattr(spec, "name", ""))
+    kind = str(getattr(spec, "instance_kind", "KIND_AUTO") or "KIND_AUTO")
+    device_id = _gpu_of(spec)
+    gpu_accelerators, cpu_accelerators = _accelerators(spec)
+    requested: list[ProviderRequest] = []
+
+    use_gpu = kind == "KIND_GPU" or (
+        kind in ("KIND_AUTO", "KIND_MODEL") and (bool(gpu_accelerators) or _CUDA_PROVIDER in available)
+    )
+    if use_gpu:
+        for name, parameters in gpu_accelerators:
+            provider = _GPU_ACCELERATORS.get(name.strip().lower())
+            if provider is None:
+                raise ConfigError(
+                    f"model '{model}': gpu_execution_accelerator '{name}' is not known "
+                    f"(expected one of {', '.join(_GPU_ACCELERATORS)})"
+                )
+            if provider == "TensorrtExecutionProvider":
+                options = _tensorrt_options(model, parameters, device_id)
+            else:
+                options = {"device_id": str(device_id), **parameters}
+            requested.append((provider, options))
+        if all(provider != _CUDA_PROVIDER for provider, _ in requested):
+            requested.append((_CUDA_PROVIDER, {"device_id": str(device_id)}))
+    elif gpu_accelerators:
+        log.debug("model '%s': gpu_execution_accelerator ignored for instance kind %s", model, kind)
+    for name, parameters in cpu_accelerators:
+        provider = _CPU_ACCELERATORS.get(name.strip().lower())
+        if provider is None:
+            raise ConfigError(
+                f"model '{model}': cpu_execution_accelerator '{name}' is not known "
+                f"(expected one of {', '.join(_CPU_ACCELERATORS)})"
+            )
+        requested.append((provider, dict(parameters)))
+
+    missing = [provider for provider, _ in requested if provider not in available]
+    chosen = [(provider, options) for provider, options in requested if provider in available]
+    chosen.append((_CPU_PROVIDER, {}))
+    return chosen, missing
+
+
 def _signature_of(node: Any) -> TensorSig:
     datatype = _DATATYPE_OF_ORT.get(node.type)
     if datatype is None:
@@ -182,14 +310,30 @@ class OnnxRuntimeBackend(Backend):
         # None when the probe failed). bind fills it; one probe run per distinct shapes.
         self._plans: dict[tuple[Any, ...], tuple[dict[str, tuple[int, ...]], frozenset[str] | None]] = {}
         self._copied_by_runner: WeakKeyDictionary[Callable[[], None], tuple[str, ...]] = WeakKeyDictionary()
+        self._providers: list[str] = []
+        self._gpu = 0
 
     # -- Backend ----------------------------------------------------------------------------------------
 
     def load(self, model_path: str, spec: ModelSpecLike) -> None:
         path = os.path.join(model_path, _MODEL_FILENAME) if os.path.isdir(model_path) else model_path
         options = session_options_from_parameters(spec.parameters, spec.name)
+        providers, missing = execution_providers(spec, ort.get_available_providers())
+        if missing:
+            log.warning(
+                "model '%s': execution provider(s) %s requested by the config are not available in this "
+                "onnxruntime; running on %s",
+                spec.name,
+                ", ".join(missing),
+                ", ".join(name for name, _ in providers),
+            )
         try:
-            session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                path,
+                sess_options=options,
+                providers=[name for name, _ in providers],
+                provider_options=[opts for _, opts in providers],
+            )
         except Exception as exc:  # ORT raises its own exception types; the message carries the reason
             raise ConfigError(f"model '{spec.name}': onnxruntime cannot load the model: {exc}") from exc
 
@@ -205,7 +349,15 @@ class OnnxRuntimeBackend(Backend):
         self._max_batch_size = int(spec.max_batch_size)
         self._inputs, self._outputs = inputs, outputs
         self._plans.clear()
-        log.debug("model '%s' loaded by onnxruntime %s on cpu", spec.name, ort.__version__)
+        self._providers = list(session.get_providers())
+        self._gpu = _gpu_of(spec)
+        log.debug(
+            "model '%s' loaded by onnxruntime %s on %s (%s)",
+            spec.name,
+            ort.__version__,
+            self.device(),
+            ", ".join(self._providers),
+        )
 
     def io_signature(self) -> tuple[list[TensorSig], list[TensorSig]]:
         self._require_session()
@@ -286,7 +438,14 @@ class OnnxRuntimeBackend(Backend):
         return f"onnxruntime {ort.__version__}"
 
     def device(self) -> str:
+        if self._providers and self._providers[0] in _GPU_PROVIDERS:
+            return f"cuda:{self._gpu}"
         return "cpu"
+
+    def providers(self) -> list[str]:
+        """The execution providers the session runs on, in ONNX Runtime's order of preference."""
+        self._require_session()
+        return list(self._providers)
 
     @property
     def max_batch_size(self) -> int:
@@ -295,7 +454,7 @@ class OnnxRuntimeBackend(Backend):
     def _run_unbound(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._require_session()
         names = [sig.name for sig in self._outputs]
-        results = session.run(names, inputs)
+        results = session.run(names, {k: _ort_strings(v) for k, v in inputs.items()})
         return {name: np.asarray(value) for name, value in zip(names, results)}
 
     # -- ORT-specific -----------------------------------------------------------------------------------
@@ -320,17 +479,13 @@ class OnnxRuntimeBackend(Backend):
     def _check_spec(spec: ModelSpecLike, inputs: list[TensorSig], outputs: list[TensorSig]) -> None:
         model_inputs = {sig.name for sig in inputs}
         model_outputs = {sig.name for sig in outputs}
-        spec_inputs = {t.name for t in spec.inputs}
+        # inputs the config leaves out are fine: the server completes the config from io_signature()
         for t in spec.inputs:
             if t.name not in model_inputs:
                 raise ConfigError(
                     f"model '{spec.name}' input '{t.name}': not an input of the ONNX model "
                     f"(it has {', '.join(sorted(model_inputs))})"
                 )
-        for name in sorted(model_inputs - spec_inputs):
-            raise ConfigError(
-                f"model '{spec.name}': the ONNX model's input '{name}' is missing from the config"
-            )
         for t in spec.outputs:
             if t.name not in model_outputs:
                 raise ConfigError(
@@ -451,3 +606,21 @@ class OnnxRuntimeBackend(Backend):
             for (name, arr), value in zip(scratch_out.items(), values)
             if value.data_ptr() != arr.ctypes.data
         )
+
+
+def _ort_strings(a: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's Python binding takes string tensors as `str` objects (it turns `bytes` into their
+    repr), so BYTES elements are decoded as UTF-8 on the way in."""
+    if a.dtype != object:
+        return a
+    flat = a.reshape(-1)
+    out = np.empty(flat.shape, dtype=object)
+    for i, v in enumerate(flat):
+        if isinstance(v, bytes):
+            try:
+                out[i] = v.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError("ONNX Runtime string tensors must be UTF-8") from None
+        else:
+            out[i] = v
+    return out.reshape(a.shape)

@@ -23,6 +23,9 @@ def _serve(args: argparse.Namespace) -> int:
         socket_path=os.path.abspath(args.socket),
         commit_timeout=args.commit_timeout_ms / 1000.0,
         lane_slots=args.lane_slots,
+        max_lanes_per_model=args.max_lanes_per_model,
+        max_restarts=args.max_restarts,
+        restart_backoff=args.restart_backoff_ms / 1000.0,
         log_level=args.log_level,
         allow_other_users=args.allow_other_users,
     )
@@ -57,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--commit-timeout-ms", type=float, default=100.0,
                    help="how long a claimed row may stay uncommitted before its batch runs without it")
     s.add_argument("--lane-slots", type=int, default=4, help="batch slots per lane")
+    s.add_argument("--max-lanes-per-model", type=int, default=16,
+                   help="distinct input shapes a model serves at once (idle ones are evicted)")
+    s.add_argument("--max-restarts", type=int, default=5,
+                   help="worker crashes within a minute before a model is left unavailable")
+    s.add_argument("--restart-backoff-ms", type=float, default=250.0,
+                   help="delay before restarting a crashed worker, doubled after each crash (at most 8 s)")
     s.add_argument("--allow-other-users", action="store_true", help="accept local clients of any uid")
     s.add_argument("--log-level", default="INFO")
     s.set_defaults(func=_serve)

@@ -26,7 +26,7 @@ import numpy as np
 
 import _kpcore
 from kernelport import errors as _errors
-from kernelport.client.lanes import LaneLayout, LaneView, ModelInfo, lane_key, validate_inputs
+from kernelport.client.lanes import LaneLayout, LaneView, ModelInfo, check_outputs, lane_key, validate_inputs
 from kernelport.errors import InvalidInputError, KernelPortError, ModelNotReadyError, ServerUnavailableError
 from kernelport.server.wire import ConnectionClosed, recv_msg, send_msg
 
@@ -105,12 +105,13 @@ class Client:
         self._models[name] = m
         return m
 
-    def _lane(self, m: _Model, shapes: tuple[tuple[int, ...], ...]) -> LaneView:
-        key = lane_key(shapes)
+    def _lane(self, m: _Model, shapes: tuple[tuple[int, ...], ...], caps: tuple[int, ...] = ()) -> LaneView:
+        key = lane_key(shapes, caps)
         view = m.lanes.get(key)
         if view is not None:
             return view
-        reply, fds = self._call({"op": "lane", "model": m.info.name, "shapes": [list(s) for s in shapes]})
+        reply, fds = self._call({"op": "lane", "model": m.info.name, "shapes": [list(s) for s in shapes],
+                                 "capacities": list(caps)})
         try:
             layout = LaneLayout.from_dict(reply["lane"])
             seg = _kpcore.Segment.from_fd(fds.pop(0), layout.size)
@@ -134,6 +135,10 @@ class Client:
     def model_metadata(self, model: str) -> dict[str, Any]:
         return self._model(model).info.to_dict()
 
+    def server_status(self) -> dict[str, Any]:
+        """Every model's state, the reason when it is not ready, and its worker processes."""
+        return dict(self._call({"op": "status"})[0]["models"])
+
     def counters(self, model: str) -> dict[str, int]:
         """The model's lane counters (claims, batches, rows, sleeps...), summed over its lanes."""
         return {k: int(v) for k, v in self._call({"op": "counters", "model": model})[0]["counters"].items()}
@@ -142,11 +147,11 @@ class Client:
               timeout: float | None = None) -> dict[str, np.ndarray]:
         """Run one request; returns a dict of output arrays (copies)."""
         m = self._model(model)
-        n, shapes, arrays = validate_inputs(m.info, inputs)
+        n, shapes, arrays, caps = validate_inputs(m.info, inputs)
         if outputs is not None:
-            _check_outputs(m.info, outputs)
+            check_outputs(m.info, outputs)
         for attempt in (0, 1):
-            view = self._lane(m, shapes)
+            view = self._lane(m, shapes, caps)
             try:
                 return view.run(self.owner, arrays, n, timeout or self.timeout, model, outputs, self._check_alive)
             except (_kpcore.LaneRetired, ModelNotReadyError):
@@ -165,6 +170,8 @@ class Client:
         `shapes` gives the per-sample shape of inputs whose config dims are variable."""
         m = self._model(model)
         info = m.info
+        if any(t.is_bytes for t in info.inputs + info.outputs):
+            raise InvalidInputError(f"model '{model}' has BYTES tensors: use infer(), which encodes them")
         if info.batching and not 1 <= batch <= info.max_batch_size:
             raise InvalidInputError(f"model '{model}': batch size {batch} is not in 1..{info.max_batch_size}")
         per: list[tuple[int, ...]] = []
@@ -175,11 +182,20 @@ class Client:
                     f"model '{model}' input '{t.name}': expected {t.describe(info.batching)}, got per-sample shape "
                     f"{list(s)}" + ("" if shapes else " (give `shapes` for variable dims)"))
             per.append(s)
-        view = self._lane(m, tuple(per))
         n = batch if info.batching else 1
-        t = self.timeout if timeout is None else timeout
-        seq, row = view.claim(self.owner, n, t, model)
-        return InferRequest(self, view, model, seq, row, n, t)
+        limit = self.timeout if timeout is None else timeout
+        for attempt in (0, 1):
+            view = self._lane(m, tuple(per))
+            try:
+                seq, row = view.claim(self.owner, n, limit, model)
+            except (_kpcore.LaneRetired, ModelNotReadyError):
+                self._forget(model)  # retired lane or restarted worker: ask once more
+                if attempt:
+                    raise
+                m = self._model(model)
+                continue
+            return InferRequest(self, view, model, seq, row, n, limit)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._lock:
@@ -311,13 +327,6 @@ class AsyncInferRequest:
 
     async def __aexit__(self, *exc: object) -> None:
         self._req.release()
-
-
-def _check_outputs(info: ModelInfo, outputs: Sequence[str]) -> None:
-    known = {t.name for t in info.outputs}
-    for o in outputs:
-        if o not in known:
-            raise InvalidInputError(f"model '{info.name}': unknown output '{o}'")
 
 
 def _close_fd(fd: int) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 import _kpcore
+from kernelport.client import bytes_codec
 from kernelport.errors import (
     InferFailedError,
     InferTimeoutError,
@@ -33,6 +34,16 @@ class TensorInfo:
     datatype: str  # KServe name: "FP32", "INT64", ...
     dims: tuple[int, ...]  # per sample (no batch dim); -1 = any
     optional: bool = False
+    capacity: int = 0  # BYTES tensors in a lane: bytes per element (see bytes_codec)
+
+    @property
+    def is_bytes(self) -> bool:
+        return self.datatype == "BYTES"
+
+    @property
+    def row_bytes(self) -> int:
+        n = math.prod(self.dims)
+        return n * (4 + self.capacity) if self.is_bytes else n * self.dtype.itemsize
 
     @property
     def dtype(self) -> np.dtype:
@@ -94,10 +105,10 @@ def _shape_str(shape: Sequence[int]) -> str:
 
 def validate_inputs(
     info: ModelInfo, inputs: Mapping[str, np.ndarray]
-) -> tuple[int, tuple[tuple[int, ...], ...], list[np.ndarray]]:
+) -> tuple[int, tuple[tuple[int, ...], ...], list[np.ndarray], tuple[int, ...]]:
     """Check a request against the model. Returns (batch size, per-sample shape of every input in
-    model order, the arrays in model order). Raises InvalidInputError naming model, input, expected
-    and received."""
+    model order, the arrays in model order, the lane capacity of every BYTES input (0 for others)).
+    Raises InvalidInputError naming model, input, expected and received."""
     m = info.name
     known = {t.name for t in info.inputs}
     for name in inputs:
@@ -107,6 +118,7 @@ def validate_inputs(
     batch: int | None = None
     shapes: list[tuple[int, ...]] = []
     arrays: list[np.ndarray] = []
+    caps: list[int] = []
     for t in info.inputs:
         if t.name not in inputs:
             if t.optional:
@@ -118,10 +130,23 @@ def validate_inputs(
             a = np.asarray(a)
         want = t.dtype
         got_type = _datatype_name(a.dtype)
-        if a.dtype != want:
+        if t.is_bytes and a.dtype.kind in "OSU":
+            a = bytes_codec.as_bytes_elements(a)
+            if info.platform.startswith("onnxruntime") and not bytes_codec.all_utf8(a):
+                # ONNX Runtime's Python API carries string tensors as str: only UTF-8 survives
+                raise InvalidInputError(f"model '{m}' input '{t.name}': ONNX Runtime string tensors must be "
+                                        f"valid UTF-8")
+            cap = bytes_codec.max_element_length(a)
+            if cap > bytes_codec.MAX_CAPACITY:
+                raise InvalidInputError(f"model '{m}' input '{t.name}': BYTES element of {cap} bytes is too long "
+                                        f"(at most {bytes_codec.MAX_CAPACITY})")
+            caps.append(bytes_codec.capacity_for(cap))
+        elif a.dtype != want:
             raise InvalidInputError(
                 f"model '{m}' input '{t.name}': expected {t.describe(info.batching)}, "
                 f"got {got_type} {_shape_str(a.shape)}")
+        else:
+            caps.append(0)
         if info.batching:
             if a.ndim != len(t.dims) + 1:
                 raise InvalidInputError(
@@ -150,7 +175,14 @@ def validate_inputs(
                     f"got {got_type} {_shape_str(a.shape)}")
         shapes.append(sample)
         arrays.append(a)
-    return (batch or 1), tuple(shapes), arrays
+    return (batch or 1), tuple(shapes), arrays, tuple(caps)
+
+
+def check_outputs(info: ModelInfo, outputs: Sequence[str]) -> None:
+    known = {t.name for t in info.outputs}
+    for o in outputs:
+        if o not in known:
+            raise InvalidInputError(f"model '{info.name}': unknown output '{o}'")
 
 
 def _datatype_name(dt: np.dtype) -> str:
@@ -173,10 +205,11 @@ class LaneLayout:
     tensors: tuple[TensorInfo, ...]  # inputs first (dims fully resolved), then outputs
     n_inputs: int
     size: int = 0
+    memory: str = "host"  # where the rows live: "host" shared memory (pinned or device memory come later)
 
     @property
     def row_bytes(self) -> list[int]:
-        return [math.prod(t.dims) * t.dtype.itemsize for t in self.tensors]
+        return [t.row_bytes for t in self.tensors]
 
     def required_size(self) -> int:
         return int(_kpcore.Lane.required_size(self.nslots, self.max_batch, self.row_bytes))
@@ -184,16 +217,21 @@ class LaneLayout:
     def to_dict(self) -> dict[str, Any]:
         return {
             "lane_id": self.lane_id, "nslots": self.nslots, "max_batch": self.max_batch,
-            "batching": self.batching, "n_inputs": self.n_inputs, "size": self.size,
-            "tensors": [{"name": t.name, "datatype": t.datatype, "dims": list(t.dims)} for t in self.tensors],
+            "batching": self.batching, "n_inputs": self.n_inputs, "size": self.size, "memory": self.memory,
+            "tensors": [{"name": t.name, "datatype": t.datatype, "dims": list(t.dims), "capacity": t.capacity}
+                        for t in self.tensors],
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LaneLayout:
-        tensors = tuple(TensorInfo(str(t["name"]), str(t["datatype"]), tuple(int(x) for x in t["dims"]))
+        tensors = tuple(TensorInfo(str(t["name"]), str(t["datatype"]), tuple(int(x) for x in t["dims"]),
+                                   capacity=int(t.get("capacity", 0)))
                         for t in d["tensors"])
+        memory = str(d.get("memory", "host"))
+        if memory != "host":
+            raise ValueError(f"lane rows in {memory!r} memory are not supported by this client")
         return cls(int(d["lane_id"]), int(d["nslots"]), int(d["max_batch"]), bool(d["batching"]), tensors,
-                   int(d["n_inputs"]), int(d["size"]))
+                   int(d["n_inputs"]), int(d["size"]), memory)
 
 
 @dataclass
@@ -211,6 +249,10 @@ class LaneView:
         for slot in range(layout.nslots):
             per: list[np.ndarray] = []
             for off, t in zip(lane.slot_offsets(slot), layout.tensors):
+                if t.is_bytes:  # raw element areas: u32 length + capacity bytes each
+                    arr = np.frombuffer(segment, dtype=np.uint8, count=layout.max_batch * t.row_bytes, offset=off)
+                    per.append(arr.reshape((layout.max_batch, *t.dims, 4 + t.capacity)))
+                    continue
                 count = layout.max_batch * math.prod(t.dims)
                 arr = np.frombuffer(segment, dtype=t.dtype, count=count, offset=off)
                 per.append(arr.reshape((layout.max_batch, *t.dims)))
@@ -287,8 +329,11 @@ class LaneView:
         committed = False
         try:
             dst = self.rows(seq, row, n)
-            for i, a in enumerate(arrays):
-                np.copyto(dst[i], a, casting="no")
+            for i, (t, a) in enumerate(zip(self.layout.tensors, arrays)):
+                if t.is_bytes:
+                    bytes_codec.encode_into(dst[i], a)
+                else:
+                    np.copyto(dst[i], a, casting="no")
             committed = True
             self.wait(seq, row, n, owner, timeout, model, check_alive, commit=True)
         except BaseException:
@@ -299,10 +344,11 @@ class LaneView:
         out: dict[str, np.ndarray] = {}
         for t, v in zip(self.layout.tensors[k:], dst[k:]):
             if wanted is None or t.name in wanted:
-                out[t.name] = v.copy()
+                out[t.name] = bytes_codec.decode(v, v.shape[:-1]) if t.is_bytes else v.copy()
         self.lane.release(seq, row, n, owner)
         return out
 
 
-def lane_key(shapes: tuple[tuple[int, ...], ...]) -> str:
-    return ";".join("x".join(str(d) for d in s) for s in shapes)
+def lane_key(shapes: tuple[tuple[int, ...], ...], capacities: tuple[int, ...] = ()) -> str:
+    key = ";".join("x".join(str(d) for d in s) for s in shapes)
+    return key + ("|" + ",".join(str(c) for c in capacities) if any(capacities) else "")

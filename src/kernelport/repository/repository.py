@@ -38,6 +38,7 @@ _BY_BACKEND = {backend: norm for norm, (_, backend, _) in PLATFORMS.items()}
 _FILE_PLATFORMS: tuple[tuple[str, str], ...] = (
     ("model.onnx", "onnxruntime"),
     ("model.pt", "pytorch"),
+    ("model.pt2", "pytorch"),
     ("model.savedmodel", "tensorflow"),
     ("model.plan", "tensorrt"),
 )
@@ -45,11 +46,15 @@ _EXT_PLATFORMS = {
     ".onnx": "onnxruntime",
     ".pt": "pytorch",
     ".pth": "pytorch",
+    ".pt2": "pytorch",
     ".savedmodel": "tensorflow",
     ".graphdef": "tensorflow",
     ".plan": "tensorrt",
     ".engine": "tensorrt",
 }
+# Files a version directory may hold instead of the platform's default one, when the config names none:
+# PyTorch's torch.export / AOTInductor archives (model.pt2) beside TorchScript's model.pt.
+_ALTERNATE_FILENAMES: dict[str, tuple[str, ...]] = {"pytorch": ("model.pt2",)}
 _VERSION_DIR = re.compile(r"[0-9]+")
 
 
@@ -101,6 +106,10 @@ class ModelEntry:
             "model.graphdef" if cfg.platform == "tensorflow_graphdef" else PLATFORMS[platform_of(self)][2]
         )
         path = os.path.join(vdir, filename)
+        if not os.path.exists(path) and not cfg.default_model_filename:
+            for alternate in _ALTERNATE_FILENAMES.get(platform_of(self), ()):
+                if os.path.exists(os.path.join(vdir, alternate)):
+                    return os.path.join(vdir, alternate)
         if not os.path.exists(path):
             raise ConfigError(f"model '{self.name}' version {version}: {filename} not found")
         return path

@@ -7,15 +7,17 @@ together with local requests.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from kernelport.client.lanes import SERVER_OWNER, ModelInfo, validate_inputs
+import _kpcore
+from kernelport.client.lanes import SERVER_OWNER, ModelInfo, check_outputs, validate_inputs
 from kernelport.errors import KernelPortError, ModelNotFoundError
-from kernelport.repository import ModelSpec, load_model, load_repository
+from kernelport.repository import ModelSpec, load_model, load_repository, validate_model_name
 from kernelport.server.models import READY, UNAVAILABLE, ModelRuntime, ServerOptions
 from kernelport.server.stats import StatsSnapshot, snapshot_from_counters
 
@@ -46,6 +48,9 @@ class DataPlane:
                 log.error("model '%s' not loaded: %s", name, e)
 
     def load(self, name: str) -> None:
+        validate_model_name(name)
+        if not os.path.isdir(os.path.join(self.options.repository, name)):
+            raise ModelNotFoundError(f"model '{name}' is not in the model repository")
         entry = load_model(self.options.repository, name)
         with self.lock:
             old = self.models.get(name)
@@ -69,12 +74,10 @@ class DataPlane:
         rt.unload()
 
     def repository_index(self) -> list[tuple[str, str, str, str]]:
-        from kernelport.repository import load_repository as scan
-
         out: list[tuple[str, str, str, str]] = []
         errors: dict[str, Any] = {}
         try:
-            entries = scan(self.options.repository, errors)
+            entries = load_repository(self.options.repository, errors)
         except KernelPortError:
             entries = {}
         names = sorted(set(entries) | set(errors) | set(self.models))
@@ -121,7 +124,8 @@ class DataPlane:
         return rt is not None and rt.state == READY
 
     def server_ready(self) -> bool:
-        return all(rt.state == READY for rt in self.models.values())
+        """Every model that is meant to be served (not unloaded on request) is ready."""
+        return all(rt.state == READY for rt in self.models.values() if not rt.unloaded)
 
     def statistics(self, name: str) -> StatsSnapshot:
         rt = self._runtime(name)
@@ -142,13 +146,12 @@ class DataPlane:
               timeout: float | None = None) -> dict[str, np.ndarray]:
         rt = self._runtime(name)
         info = rt.require_ready()
-        n, shapes, arrays = validate_inputs(info, inputs)
+        n, shapes, arrays, caps = validate_inputs(info, inputs)
         if outputs is not None:
-            known = {t.name for t in info.outputs}
-            for o in outputs:
-                if o not in known:
-                    from kernelport.errors import InvalidInputError
-
-                    raise InvalidInputError(f"model '{name}': unknown output '{o}'")
-        lane = rt.lane_for(shapes)
-        return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs)
+            check_outputs(info, outputs)
+        try:
+            lane = rt.lane_for(shapes, caps)
+            return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs)
+        except _kpcore.LaneRetired:  # evicted between lookup and claim: the next lookup makes a new one
+            lane = rt.lane_for(shapes, caps)
+            return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs)

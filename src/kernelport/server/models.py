@@ -17,6 +17,7 @@ from multiprocessing.reduction import send_handle
 from typing import Any
 
 import _kpcore
+from kernelport.client.bytes_codec import capacity_for
 from kernelport.client.lanes import LaneLayout, LaneView, ModelInfo, TensorInfo, lane_key
 from kernelport.errors import ConfigError, InvalidInputError, KernelPortError, ModelNotReadyError
 from kernelport.repository import ModelEntry, ModelSpec, TensorSig, complete_config
@@ -27,6 +28,7 @@ READY = "READY"
 LOADING = "LOADING"
 UNAVAILABLE = "UNAVAILABLE"
 UNLOADING = "UNLOADING"
+CRASH_WINDOW_S = 60.0
 LANE_COUNTERS = ("claims", "batches", "rows", "client_sleeps", "worker_sleeps", "commit_timeouts", "full_waits",
                  "abandoned_rows", "failed_batches")
 
@@ -41,6 +43,8 @@ class ServerOptions:
     load_timeout: float = 300.0
     log_level: str = "INFO"
     allow_other_users: bool = False
+    max_restarts: int = 5  # worker crashes within a minute before the server stops restarting a model
+    restart_backoff: float = 0.25  # seconds before the first restart, doubled after each crash, at most 8 s
 
 
 class WorkerError(KernelPortError):
@@ -128,6 +132,8 @@ class ModelRuntime:
         self.framework = ""
         self.device = ""
         self.load_seconds = 0.0
+        self.crashes: list[float] = []  # monotonic times of recent worker crashes
+        self.unloaded = False  # unloaded on request: not counted in the server's readiness
 
     # ---- load / unload ----
 
@@ -142,6 +148,7 @@ class ModelRuntime:
             raise
         self.load_seconds = time.monotonic() - t0
         self.state = READY
+        self.reason = ""
         assert self.spec is not None
         log.info("loaded model '%s' (%s %s on %s, %d instance%s, max_batch_size %d) in %.2f s",
                  self.name, self.entry.platform, self.framework, self.device, len(self.workers),
@@ -198,7 +205,7 @@ class ModelRuntime:
             versions=tuple(str(v) for v in entry.selected_versions),
         )
         for t in spec.inputs + spec.outputs:
-            if t.dtype is None or t.datatype == "BYTES":
+            if t.dtype is None:
                 raise ConfigError(f"model '{self.name}': tensor '{t.name}' of type {t.datatype} "
                                   f"is not supported on lanes yet")
             if t.reshape is not None:
@@ -213,14 +220,17 @@ class ModelRuntime:
         for w in self.workers:
             fds = (seg.dup_fd(), stats_seg.dup_fd())
             try:
+                completed = config.SerializeToString()
                 w.call(("start", {"policy": policy, "batching": spec.max_batch_size > 0, "max_rows": max_rows,
-                                  "stats_size": stats_seg.size}), fds=fds)
+                                  "stats_size": stats_seg.size,
+                                  "config": completed if completed != config_bytes else None}), fds=fds)
             finally:
                 for fd in fds:
                     os.close(fd)
             w.bell = self.doorbell
 
     def unload(self) -> None:
+        self.unloaded = True
         self.state = UNLOADING
         self._stop_workers()
         self.state = UNAVAILABLE
@@ -235,16 +245,32 @@ class ModelRuntime:
             w.stop()
         self.workers = []
 
-    def worker_died(self, w: WorkerHandle) -> None:
-        """A worker exited on its own: fail everything it held, at once."""
+    def worker_died(self, w: WorkerHandle) -> float | None:
+        """A worker exited on its own: fail everything it held, at once. Returns the delay before a
+        restart, or None when it crashed too often to try again."""
         code = w.process.exitcode
         log.error("model '%s': worker %d exited (code %s); the model is unavailable", self.name, w.index, code)
         self.state = UNAVAILABLE
-        self.reason = f"worker exited with code {code}"
         with self.lock:
             for lane in self.lanes.values():
                 lane.view.lane.set_status(_kpcore.LANE_DEAD)
             self.lanes.clear()
+        now = time.monotonic()
+        self.crashes = [t for t in self.crashes if now - t < CRASH_WINDOW_S] + [now]
+        if len(self.crashes) > self.options.max_restarts:
+            self.reason = (f"its worker crashed {len(self.crashes)} times in {CRASH_WINDOW_S:.0f} s "
+                           f"(last exit code {code}); not restarting it")
+            log.error("model '%s': %s", self.name, self.reason)
+            return None
+        self.reason = f"its worker exited with code {code}; restarting"
+        return min(self.options.restart_backoff * 2 ** (len(self.crashes) - 1), 8.0)
+
+    def restart(self) -> None:
+        """Replace every worker of the model (the lanes they shared are gone) and load again."""
+        self._stop_workers()
+        self.state = LOADING
+        self.load()
+        log.info("model '%s': restarted", self.name)
 
     # ---- lanes ----
 
@@ -253,22 +279,39 @@ class ModelRuntime:
             raise ModelNotReadyError(f"model '{self.name}' is not ready" + (f": {self.reason}" if self.reason else ""))
         return self.info
 
-    def lane_for(self, shapes: tuple[tuple[int, ...], ...]) -> LaneEntry:
-        """The lane for these per-sample input shapes, created on first use."""
+    def lane_for(self, shapes: tuple[tuple[int, ...], ...], caps: tuple[int, ...] = ()) -> LaneEntry:
+        """The lane for these per-sample input shapes (and BYTES element capacities), created on first use."""
         info = self.require_ready()
-        key = lane_key(shapes)
+        caps = caps or (0,) * len(shapes)
+        key = lane_key(shapes, caps)
         with self.lock:
             entry = self.lanes.get(key)
             if entry is not None:
                 entry.last_used = time.monotonic()
                 return entry
-            if len(self.lanes) >= self.options.max_lanes_per_model:
+            if len(self.lanes) >= self.options.max_lanes_per_model and not self._evict_idle_lane():
                 raise InvalidInputError(
-                    f"model '{self.name}': too many distinct input shapes in use "
+                    f"model '{self.name}': too many distinct input shapes in use at once "
                     f"(at most {self.options.max_lanes_per_model})")
-            entry = self._create_lane(info, shapes)
+            entry = self._create_lane(info, shapes, caps)
             self.lanes[key] = entry
             return entry
+
+    def _evict_idle_lane(self) -> bool:
+        """Retire the least recently used lane that nothing is using, and unmap it everywhere.
+        Called with the lock held. Clients that still map it get LaneRetired and ask again."""
+        for key, entry in sorted(self.lanes.items(), key=lambda kv: kv[1].last_used):
+            lane = entry.view.lane
+            lane.set_status(_kpcore.LANE_RETIRED)
+            if not lane.idle():  # in use: leave it be
+                lane.set_status(_kpcore.LANE_LIVE)
+                continue
+            for w in self.workers:
+                w.call(("drop", entry.layout.lane_id))
+            del self.lanes[key]
+            log.debug("model '%s': evicted idle lane %d", self.name, entry.layout.lane_id)
+            return True
+        return False
 
     def _output_dims(self, info: ModelInfo, shapes: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
         if all(d >= 0 for t in info.outputs for d in t.dims):
@@ -281,10 +324,15 @@ class ModelRuntime:
             dims.append(shape[1:] if info.batching else shape)
         return dims
 
-    def _create_lane(self, info: ModelInfo, shapes: tuple[tuple[int, ...], ...]) -> LaneEntry:
+    def _create_lane(self, info: ModelInfo, shapes: tuple[tuple[int, ...], ...], caps: tuple[int, ...]) -> LaneEntry:
         out_dims = self._output_dims(info, shapes)
-        tensors = tuple(TensorInfo(t.name, t.datatype, s) for t, s in zip(info.inputs, shapes))
-        tensors += tuple(TensorInfo(t.name, t.datatype, d) for t, d in zip(info.outputs, out_dims))
+        # BYTES outputs get the larger of the inputs' capacity and the configured one
+        out_cap = max([*caps, int(self.spec.parameters.get("kernelport.bytes_output_capacity", 256))
+                       if self.spec else 256])
+        out_cap = capacity_for(out_cap)
+        tensors = tuple(TensorInfo(t.name, t.datatype, s, capacity=c) for t, s, c in zip(info.inputs, shapes, caps))
+        tensors += tuple(TensorInfo(t.name, t.datatype, d, capacity=out_cap if t.is_bytes else 0)
+                         for t, d in zip(info.outputs, out_dims))
         lane_id = self.next_lane_id
         self.next_lane_id += 1
         max_batch = info.max_batch_size if info.batching else 1

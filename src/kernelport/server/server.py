@@ -17,9 +17,10 @@ import threading
 from multiprocessing.connection import wait as wait_sentinels
 from typing import Any
 
+from kernelport.client.bytes_codec import MAX_CAPACITY, capacity_for
 from kernelport.errors import InvalidInputError, KernelPortError
 from kernelport.server.dataplane import DataPlane
-from kernelport.server.models import ServerOptions
+from kernelport.server.models import ModelRuntime, ServerOptions
 from kernelport.server.wire import ConnectionClosed, recv_msg, send_msg
 
 log = logging.getLogger("kernelport.server")
@@ -114,7 +115,17 @@ class Server:
             for sentinel in ready:
                 rt, w = watched[sentinel]
                 if not self.stopping.is_set() and rt.state == "READY" and w in rt.workers:
-                    rt.worker_died(w)
+                    delay = rt.worker_died(w)
+                    if delay is not None:
+                        threading.Thread(target=self._restart, args=(rt, delay), name="kp-restart", daemon=True).start()
+
+    def _restart(self, rt: ModelRuntime, delay: float) -> None:
+        if self.stopping.wait(delay) or self.dataplane.models.get(rt.name) is not rt:
+            return
+        try:
+            rt.restart()
+        except KernelPortError as e:
+            log.error("model '%s': restart failed: %s", rt.name, e)
 
     # ---- the local socket ----
 
@@ -212,9 +223,20 @@ class Server:
                         raise InvalidInputError(
                             f"model '{name}' input '{t.name}': expected {t.describe(info.batching)}, got {s}")
                 per_sample.append(tuple(s))
-            entry = dp.models[name].lane_for(tuple(per_sample))
+            caps = msg.get("capacities") or [0] * len(info.inputs)
+            if not isinstance(caps, list) or len(caps) != len(info.inputs):
+                raise InvalidInputError(f"model '{name}': lane request needs one capacity per input")
+            for t, cap in zip(info.inputs, caps):
+                if not isinstance(cap, int) or (cap != 0) != t.is_bytes or (
+                        t.is_bytes and (cap != capacity_for(cap) or cap > MAX_CAPACITY)):
+                    raise InvalidInputError(f"model '{name}' input '{t.name}': bad element capacity {cap!r}")
+            entry = dp.models[name].lane_for(tuple(per_sample), tuple(caps))
             models_used.add(name)
             return {"lane": entry.layout.to_dict()}, [entry.segment.dup_fd()]
+        if op == "status":
+            return {"models": {
+                name: {"state": rt.state, "reason": rt.reason, "workers": [w.process.pid for w in rt.workers]}
+                for name, rt in list(dp.models.items())}}, []
         if op == "counters":
             return {"counters": dp.counters(str(msg.get("model", "")))}, []
         raise InvalidInputError(f"unknown request {op!r}")
@@ -244,9 +266,34 @@ def serve_forever(options: ServerOptions, grpc_port: int | None = None, grpc_hos
             log.info("gRPC (KServe v2) on %s:%d", grpc_host, grpc_port)
         names = server.dataplane.model_names()
         log.info("serving %d model(s) on %s: %s", len(names), options.socket_path, ", ".join(names))
+        print(_how_to_call(server, options.socket_path, grpc_host, grpc_port), flush=True)
         print(f"kernelport: ready on {options.socket_path}", flush=True)
         while not done.wait(0.5):
             pass
     finally:
         server.stop()
         log.info("stopped")
+
+
+def _how_to_call(server: Server, socket_path: str, grpc_host: str, grpc_port: int | None) -> str:
+    """What a user needs to call the first ready model, printed once at start."""
+    dp = server.dataplane
+    ready = [n for n in dp.model_names() if dp.model_ready(n)]
+    lines = [f"kernelport: {len(ready)} model(s) ready: {', '.join(ready) or 'none'}"]
+    if ready:
+        info = dp.model_info(ready[0])
+        feeds = []
+        for t in info.inputs:
+            shape = ([1] if info.batching else []) + [d if d > 0 else 1 for d in t.dims]
+            dtype = "object" if t.is_bytes else f"np.{t.dtype.name}"
+            feeds.append(f'"{t.name}": np.zeros({tuple(shape)}, {dtype})')
+        lines += [
+            "call it from Python:",
+            "    import numpy as np",
+            "    from kernelport import Client",
+            f"    with Client({socket_path!r}) as c:",
+            f"        print(c.infer({ready[0]!r}, {{{', '.join(feeds)}}}))",
+        ]
+    if grpc_port is not None:
+        lines.append(f"or over gRPC (KServe v2, tritonclient): {grpc_host}:{grpc_port}")
+    return "\n".join(lines)

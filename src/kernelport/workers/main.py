@@ -19,8 +19,12 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 from typing import Any
 
+import numpy as np
+
 import _kpcore
+from kernelport.client import bytes_codec
 from kernelport.client.lanes import LaneLayout, LaneView
+from kernelport.repository import ModelSpec
 
 log = logging.getLogger("kernelport.worker")
 
@@ -58,7 +62,6 @@ class Worker:
 
     def load(self) -> None:
         from kernelport.backends import load_backend
-        from kernelport.repository import ModelSpec
 
         spec = ModelSpec.from_proto(_config_from_bytes(self.params["config"]), source=self.params["config_source"])
         backend = load_backend(self.params["platform"])
@@ -74,6 +77,11 @@ class Worker:
         }))
 
     def start(self, payload: dict[str, Any]) -> None:
+        if payload.get("config") is not None:
+            # the server completed the config from what we reported: load with the completed one
+            spec = ModelSpec.from_proto(_config_from_bytes(payload["config"]), source=self.params["config_source"])
+            self.backend.close()
+            self.backend.load(self.params["model_path"], spec)
         fd = recv_handle(self.conn)
         self.bell = _kpcore.Doorbell(_kpcore.Segment.from_fd(fd, _kpcore.DOORBELL_BYTES))
         fd = recv_handle(self.conn)
@@ -132,9 +140,30 @@ class Worker:
             rows = view.rows(seq, 0, n)
             k = view.layout.n_inputs
             names = [t.name for t in view.layout.tensors]
-            r = self.backend.bind(dict(zip(names[:k], rows[:k])), dict(zip(names[k:], rows[k:])))
+            if any(t.is_bytes for t in view.layout.tensors):
+                r = self._bytes_runner(view.layout.tensors, rows, k)
+            else:
+                r = self.backend.bind(dict(zip(names[:k], rows[:k])), dict(zip(names[k:], rows[k:])))
             self.runners[key] = r
         return r
+
+    def _bytes_runner(self, tensors: Any, rows: list[Any], k: int) -> Callable[[], None]:
+        """BYTES tensors cannot be bound in place: decode the inputs, run, encode the outputs (one copy
+        each way)."""
+        backend = self.backend
+
+        def run() -> None:
+            feeds = {t.name: bytes_codec.decode(r, r.shape[:-1]) if t.is_bytes else r
+                     for t, r in zip(tensors[:k], rows[:k])}
+            results = backend._run_unbound(feeds)
+            for t, r in zip(tensors[k:], rows[k:]):
+                value = np.asarray(results[t.name])
+                if t.is_bytes:
+                    bytes_codec.encode_into(r, bytes_codec.as_bytes_elements(value))
+                else:
+                    np.copyto(r, value.reshape(r.shape), casting="no")
+
+        return run
 
     def serve(self) -> None:
         p = self.policy
