@@ -72,7 +72,7 @@ def worker_main(conn: Connection, specs: list[LaneSpec], window: float, commit_t
             break
         if r == k.NONE:
             continue
-        li, seq, n = r
+        li, seq, n, _live = r
         if not 1 <= n <= specs[li].max_batch:
             bad_batches += 1
         in0, in1, out0, out1 = views[li][seq % specs[li].nslots]

@@ -51,7 +51,7 @@ CONTROL = 2  # next_batch: the server rang for a control message
 
 COUNTERS = (
     "claims", "batches", "rows", "client_sleeps", "worker_sleeps", "commit_timeouts", "full_waits",
-    "abandoned_rows", "failed_batches",
+    "abandoned_rows", "failed_batches", "expired_requests",
 )
 
 
@@ -95,6 +95,7 @@ class SlotModel:
 
     def clear(self) -> None:
         self.count = 0
+        self.nreq = 0
         self.closed = False
         self.state = SLOT_OPEN
         self.committed = 0
@@ -107,8 +108,8 @@ class SlotModel:
 
     @property
     def word(self) -> int:
-        """The C slot word: gen:32 | closed:1 | count:31."""
-        return ((self.gen & 0xFFFFFFFF) << 32) | (CLOSED_BIT if self.closed else 0) | self.count
+        """The C slot word: gen:32 | closed:1 | requests:14 | rows:17."""
+        return ((self.gen & 0xFFFFFFFF) << 32) | (CLOSED_BIT if self.closed else 0) | (self.nreq << 17) | self.count
 
 
 class LaneModel:
@@ -179,13 +180,14 @@ class LaneModel:
                 # back-pressure: the claimer waits on free_seq; with a 0 timeout it gives up at once
                 self.counters["full_waits"] += 1
                 raise LaneTimeout("every slot is busy")
-            if s.closed or s.count + n > self.max_batch:
+            if s.closed or s.count + n > self.max_batch or s.nreq == 0x3FFF:
                 s.closed = True  # sealed: the worker may take it now
                 if self.open_seq == q:
                     self.open_seq = q + 1
                 continue
             c = s.count
             s.count += n
+            s.nreq += 1
             if s.count == self.max_batch:
                 s.closed = True
             s.lens[c] = n
@@ -217,13 +219,21 @@ class LaneModel:
             raise LaneDead("lane is closed")
         raise LaneTimeout("timed out")
 
+    @staticmethod
+    def _unqueue(s: SlotModel) -> None:
+        """A request left before its batch was taken: its queue place (the slot's request count) goes."""
+        if s.nreq:
+            s.nreq -= 1
+
     def release(self, seq: int, row: int, n: int, owner: int) -> None:
         s = self._check_claim(seq, row, n)
         if s.words[row] == (owner, ROW_COMMITTED):
             s.words[row] = (owner, ROW_RELEASED)
+            self._unqueue(s)
             self._add_released(s, n)
             return
         if s.words[row] == (owner, ROW_CLAIMED):  # cancel before commit: not an abandoned_rows count
+            self._unqueue(s)
             self._abandon(s, row, n, owner, count_abandoned=False)
             return
         raise LaneAbandoned("not a held row of this owner")
@@ -244,10 +254,12 @@ class LaneModel:
                 if n == 0 or n > self.max_batch - r:
                     n = 1
                 if st == ROW_CLAIMED:
+                    self._unqueue(s)
                     self._abandon(s, r, n, owner, count_abandoned=True)
                     found += 1
                 elif st == ROW_COMMITTED:
                     s.words[r] = (owner, ROW_RELEASED)
+                    self._unqueue(s)
                     self._add_released(s, n)
                     found += 1
         return found
@@ -275,15 +287,27 @@ class LaneModel:
                 self.open_seq = q + 1
         self.run_seq = q + 1
         s.nrows = min(s.count, self.max_batch)
+        s.nreq = 0  # the take consumes the queue places
         s.state = SLOT_TAKEN
         return q, s.nrows
 
-    def await_commits(self, seq: int, c: int) -> None:
+    def await_commits(self, seq: int, c: int) -> int:
         """The commit wait, run to its timeout: every request still CLAIMED (or a row never marked)
-        is abandoned."""
+        is abandoned. Returns the requests left to run (no queue deadlines in this model)."""
         s = self.slot(seq)
-        if s.committed >= c:
-            return
+        if s.committed < c:
+            self._abandon_uncommitted(s, c)
+        live, r = 0, 0
+        while r < c:
+            _owner, st = s.words[r]
+            n = s.lens[r]
+            if n == 0 or n > c - r:
+                n = 1
+            live += st == ROW_COMMITTED
+            r += n
+        return live
+
+    def _abandon_uncommitted(self, s: SlotModel, c: int) -> None:
         self.counters["commit_timeouts"] += 1
         r = 0
         while r < c:
@@ -318,8 +342,8 @@ class DoorbellModel:
 
 
 def next_batch(lanes: list[LaneModel], bell: DoorbellModel, window_elapsed: bool,
-               close_at: int) -> tuple[int, int, int] | int:
-    """next_batch(..., max_wait=0, commit_timeout=0): (lane index, seq, nrows), NONE or CONTROL."""
+               close_at: int) -> tuple[int, int, int, int] | int:
+    """next_batch(..., max_wait=0, commit_timeout=0): (lane index, seq, nrows, live), NONE or CONTROL."""
     if bell.control:
         bell.control = False
         return CONTROL
@@ -327,8 +351,8 @@ def next_batch(lanes: list[LaneModel], bell: DoorbellModel, window_elapsed: bool
         taken = lane.try_take(window_elapsed, close_at)
         if taken is not None:
             seq, c = taken
-            lane.await_commits(seq, c)
+            live = lane.await_commits(seq, c)
             lane.counters["batches"] += 1
             lane.counters["rows"] += c
-            return i, seq, c
+            return i, seq, c, live
     return NONE

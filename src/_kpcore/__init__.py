@@ -13,6 +13,8 @@ from _kpcore.core import (
     LaneAbandoned,
     LaneDead,
     LaneError,
+    LaneExpired,
+    LaneFull,
     LaneRetired,
     LaneTimeout,
     Segment,
@@ -23,6 +25,7 @@ from _kpcore.core import (
 
 __all__ = [
     "CONTROL", "DOORBELL_BYTES", "LANE_DEAD", "LANE_LIVE", "LANE_RETIRED", "MAX_TENSORS", "NONE",
-    "Doorbell", "Lane", "LaneAbandoned", "LaneDead", "LaneError", "LaneRetired", "LaneTimeout",
+    "Doorbell", "Lane", "LaneAbandoned", "LaneDead", "LaneError", "LaneExpired", "LaneFull", "LaneRetired",
+    "LaneTimeout",
     "Segment", "StatsBlock", "next_batch", "now_ns",
 ]

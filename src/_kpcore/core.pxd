@@ -12,6 +12,8 @@ cdef extern from "kp_lane.h" nogil:
         KP_E_ABANDONED
         KP_E_INVALID
         KP_E_RETIRED
+        KP_E_FULL
+        KP_E_EXPIRED
         KP_NONE
         KP_CONTROL
         KP_LANE_LIVE
@@ -28,6 +30,7 @@ cdef extern from "kp_lane.h" nogil:
         uint64_t full_waits
         uint64_t abandoned_rows
         uint64_t failed_batches
+        uint64_t expired_requests
 
     ctypedef struct kp_lane_hdr:
         uint64_t magic
@@ -48,6 +51,9 @@ cdef extern from "kp_lane.h" nogil:
 
     ctypedef struct kp_doorbell:
         uint64_t magic
+        uint64_t queued
+        uint32_t max_queue
+        uint64_t rejected
 
     ctypedef struct kp_spin:
         uint32_t pause_iters
@@ -70,14 +76,15 @@ cdef extern from "kp_lane.h" nogil:
     void kp_ring(kp_doorbell *d)
     void kp_ring_control(kp_doorbell *d)
     int kp_claim(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint32_t owner, uint64_t deadline_ns,
-                 const kp_spin *spin, uint64_t *seq_out, uint32_t *row_out)
+                 uint64_t queue_timeout_ns, const kp_spin *spin, uint64_t *seq_out, uint32_t *row_out)
     int kp_commit(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint32_t row, uint32_t n, uint32_t owner)
-    int kp_wait_done(kp_lane_hdr *h, uint64_t seq, uint64_t deadline_ns, const kp_spin *spin)
+    int kp_wait_done(kp_lane_hdr *h, uint64_t seq, uint32_t row, uint64_t deadline_ns, const kp_spin *spin)
     int kp_release(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint32_t row, uint32_t n, uint32_t owner)
     int kp_lane_idle(kp_lane_hdr *h)
     uint32_t kp_reclaim_owner(kp_lane_hdr *h, kp_doorbell *d, uint32_t owner)
     int kp_next_batch(kp_lane_hdr **lanes, uint32_t nlanes, kp_doorbell *d, const kp_batch_policy *p,
-                      uint32_t *lane_out, uint64_t *seq_out, uint32_t *nrows_out)
+                      uint32_t *lane_out, uint64_t *seq_out, uint32_t *nrows_out, uint32_t *live_out)
+    void kp_lane_seal(kp_lane_hdr *h, kp_doorbell *d)
     ctypedef struct kp_size_stat:
         uint64_t count
         uint64_t infer_ns

@@ -62,6 +62,14 @@ class LaneRetired(LaneError):
     """The lane takes no new claims; ask the server for a new lane."""
 
 
+class LaneFull(LaneError):
+    """The model's queue is full (its max_queue_size): the claim was refused at once."""
+
+
+class LaneExpired(LaneError):
+    """The request waited in the queue past its timeout; it was not run."""
+
+
 LANE_LIVE = KP_LANE_LIVE
 LANE_RETIRED = KP_LANE_RETIRED
 LANE_DEAD = KP_LANE_DEAD
@@ -84,6 +92,10 @@ cdef int _raise(int rc) except -1:
         raise LaneAbandoned("request was abandoned")
     if rc == KP_E_RETIRED:
         raise LaneRetired("lane is retired")
+    if rc == KP_E_FULL:
+        raise LaneFull("queue is full")
+    if rc == KP_E_EXPIRED:
+        raise LaneExpired("request timed out in the queue")
     if rc == KP_E_INVALID:
         raise ValueError("invalid claim: owner must be nonzero, and rows and count must match a claim")
     raise LaneError(f"lane error {rc}")
@@ -233,6 +245,18 @@ cdef class Doorbell:
         """Tell the workers a control message waits: next_batch returns CONTROL at once."""
         kp_ring_control(self.db)
 
+    def set_max_queue(self, uint32_t limit):
+        """Requests the model may hold queued (claimed, not yet taken) across its lanes; 0: unbounded."""
+        self.db.max_queue = limit
+
+    @property
+    def queued(self):
+        return self.db.queued
+
+    @property
+    def rejected(self):
+        return self.db.rejected
+
 
 cdef class StatsBlock:
     """A model's inference statistics, kept by its workers with atomic adds; shared by the server and
@@ -346,14 +370,16 @@ cdef class Lane:
 
     # ---- client side ----
 
-    def claim(self, uint32_t nrows, uint32_t owner, double timeout):
-        """Claim `nrows` consecutive rows of the open slot; returns (seq, row)."""
+    def claim(self, uint32_t nrows, uint32_t owner, double timeout, double queue_timeout=0.0):
+        """Claim `nrows` consecutive rows of the open slot; returns (seq, row). `queue_timeout` (0:
+        none) is how long the request may wait for its batch to be taken before it expires unrun."""
         cdef uint64_t seq = 0
         cdef uint32_t row = 0
         cdef int rc
         cdef uint64_t deadline = _deadline(timeout)
+        cdef uint64_t qt = <uint64_t>(min(max(queue_timeout, 0.0), 1e8) * 1e9)
         with nogil:
-            rc = kp_claim(self.h, self.bell.db, nrows, owner, deadline, &self.spin, &seq, &row)
+            rc = kp_claim(self.h, self.bell.db, nrows, owner, deadline, qt, &self.spin, &seq, &row)
         if rc != KP_OK:
             _raise(rc)
         return seq, row
@@ -363,12 +389,13 @@ cdef class Lane:
         if rc != KP_OK:
             _raise(rc)
 
-    def wait(self, uint64_t seq, double timeout):
-        """Wait for the batch holding `seq`; returns its status (0 ok, else the backend failed)."""
+    def wait(self, uint64_t seq, double timeout, uint32_t row=0):
+        """Wait for the batch holding `seq`; returns its status (0 ok, else the backend failed).
+        `row` is the request's first row: LaneExpired if it timed out in the queue."""
         cdef int rc
         cdef uint64_t deadline = _deadline(timeout)
         with nogil:
-            rc = kp_wait_done(self.h, seq, deadline, &self.spin)
+            rc = kp_wait_done(self.h, seq, row, deadline, &self.spin)
         if rc < 0:
             _raise(rc)
         return rc
@@ -380,7 +407,7 @@ cdef class Lane:
         with nogil:
             rc = kp_commit(self.h, self.bell.db, seq, row, nrows, owner)
             if rc == KP_OK:
-                rc = kp_wait_done(self.h, seq, deadline, &self.spin)
+                rc = kp_wait_done(self.h, seq, row, deadline, &self.spin)
         if rc < 0:
             _raise(rc)
         return rc
@@ -405,6 +432,11 @@ cdef class Lane:
         """No slot holds a claim, a batch or an unreleased row (retire the lane first)."""
         return bool(kp_lane_idle(self.h))
 
+    def seal(self):
+        """Server side, when the lane is dropped or its worker died: no claim can land any more, and
+        the queue places of requests no worker will take are given back."""
+        kp_lane_seal(self.h, self.bell.db)
+
     def set_status(self, uint32_t status):
         if status not in (KP_LANE_LIVE, KP_LANE_RETIRED, KP_LANE_DEAD):
             raise ValueError("unknown lane status")
@@ -421,6 +453,7 @@ cdef class Lane:
             "client_sleeps": c.client_sleeps, "worker_sleeps": c.worker_sleeps,
             "commit_timeouts": c.commit_timeouts, "full_waits": c.full_waits,
             "abandoned_rows": c.abandoned_rows, "failed_batches": c.failed_batches,
+            "expired_requests": c.expired_requests,
         }
 
     # ---- worker side ----
@@ -443,8 +476,9 @@ def next_batch(list lanes, Doorbell bell, double window, uint32_t close_at, doub
                double max_wait, uint32_t pause_iters=2000, double idle_spin=0.0002):
     """The worker's wait for work across its lanes.
 
-    Returns (lane_index, seq, nrows) for a taken batch whose rows are all committed (or abandoned
-    after `commit_timeout`), NONE after `max_wait` seconds with nothing to run, or CONTROL when the
+    Returns (lane_index, seq, nrows, live) for a taken batch whose rows are all committed (or
+    abandoned after `commit_timeout`), where `live` counts the requests left to run (the others
+    expired in the queue); NONE after `max_wait` seconds with nothing to run, or CONTROL when the
     server rang for a control message.
     """
     cdef kp_lane_hdr *hs[64]
@@ -465,9 +499,10 @@ def next_batch(list lanes, Doorbell bell, double window, uint32_t close_at, doub
     cdef uint32_t li = 0
     cdef uint64_t seq = 0
     cdef uint32_t nrows = 0
+    cdef uint32_t live = 0
     cdef int rc
     with nogil:
-        rc = kp_next_batch(hs, n, bell.db, &p, &li, &seq, &nrows)
+        rc = kp_next_batch(hs, n, bell.db, &p, &li, &seq, &nrows, &live)
     if rc == KP_OK:
-        return (li, seq, nrows)
+        return (li, seq, nrows, live)
     return rc

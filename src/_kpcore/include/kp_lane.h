@@ -30,7 +30,9 @@
 #define KP_MAX_TENSORS 32
 #define KP_ERRMSG_BYTES 240
 #define KP_CLOSED_BIT 0x80000000ull
-#define KP_COUNT_MASK 0x7fffffffull
+#define KP_COUNT_MASK 0x1ffffull /* rows claimed: bits 0..16 */
+#define KP_NREQ_SHIFT 17         /* requests claimed: bits 17..30 */
+#define KP_NREQ_MAX 0x3fffu
 #define KP_DONE_UNIT 0x80000000u /* the worker's share of `released` */
 #define KP_MAX_PREFERRED 8
 
@@ -41,10 +43,19 @@
 #define KP_E_ABANDONED (-3) /* the worker gave up waiting for this request's commit */
 #define KP_E_INVALID (-4)   /* bad argument (row range, size) */
 #define KP_E_RETIRED (-5)   /* the lane takes no new claims: ask the server for a new one */
+#define KP_E_FULL (-6)      /* the model's queue is full (max_queue_size) */
+#define KP_E_EXPIRED (-7)   /* the request waited past its queue timeout and was not run */
 #define KP_NONE 1           /* next_batch: nothing to run before max_wait */
 #define KP_CONTROL 2        /* next_batch: the server rang for a control message */
 
-enum { KP_ROW_EMPTY = 0, KP_ROW_CLAIMED = 1, KP_ROW_COMMITTED = 2, KP_ROW_ABANDONED = 3, KP_ROW_RELEASED = 4 };
+enum {
+    KP_ROW_EMPTY = 0,
+    KP_ROW_CLAIMED = 1,
+    KP_ROW_COMMITTED = 2,
+    KP_ROW_ABANDONED = 3,
+    KP_ROW_RELEASED = 4,
+    KP_ROW_EXPIRED = 5 /* past its queue deadline when its batch was taken: its result is never delivered */
+};
 enum { KP_SLOT_OPEN = 0, KP_SLOT_TAKEN = 1, KP_SLOT_DONE = 2 };
 enum { KP_LANE_LIVE = 0, KP_LANE_RETIRED = 1, KP_LANE_DEAD = 2 };
 
@@ -58,6 +69,7 @@ typedef struct {
     kp_a64 full_waits;
     kp_a64 abandoned_rows;
     kp_a64 failed_batches;
+    kp_a64 expired_requests;
 } kp_counters;
 
 typedef struct {
@@ -92,7 +104,8 @@ typedef struct {
     int32_t batch_status;
     uint64_t taken_ns; /* when the worker took the batch */
     char errmsg[KP_ERRMSG_BYTES];
-    /* followed by max_batch x kp_a64 row words, max_batch x uint64_t claim_ns, max_batch x uint32_t row_len */
+    /* followed by max_batch x kp_a64 row words, max_batch x uint64_t claim_ns, max_batch x uint64_t
+     * expire_ns (queue deadline, 0 = none), max_batch x uint32_t row_len */
 } kp_slot_hdr;
 
 typedef struct {
@@ -101,6 +114,9 @@ typedef struct {
     kp_a32 sleepers;
     kp_a32 control;
     kp_a32 status;
+    _Alignas(64) kp_a64 queued; /* requests claimed in any lane of the model and not yet taken */
+    kp_a32 max_queue;           /* 0: unbounded; set by the server from the queue policy */
+    kp_a64 rejected;            /* claims refused because the queue was full */
 } kp_doorbell;
 
 typedef struct {
@@ -134,7 +150,7 @@ static inline int kp_lane_layout(kp_lane_hdr *h, uint32_t nslots, uint32_t max_b
     h->max_batch = max_batch;
     h->ntensors = ntensors;
     h->slot_hdr_off = kp_round_up(sizeof(kp_lane_hdr), 64);
-    h->slot_hdr_stride = kp_round_up(sizeof(kp_slot_hdr) + (uint64_t)max_batch * 20u, 64);
+    h->slot_hdr_stride = kp_round_up(sizeof(kp_slot_hdr) + (uint64_t)max_batch * 28u, 64);
     h->data_off = kp_round_up(h->slot_hdr_off + (uint64_t)nslots * h->slot_hdr_stride, 4096);
     uint64_t off = 0;
     for (uint32_t i = 0; i < ntensors; i++) {
@@ -162,11 +178,15 @@ static inline kp_a64 *kp_row_words(kp_lane_hdr *h, kp_slot_hdr *s) {
 static inline uint64_t *kp_claim_times(kp_lane_hdr *h, kp_slot_hdr *s) {
     return (uint64_t *)((char *)s + sizeof(kp_slot_hdr) + (uint64_t)h->max_batch * 8u);
 }
+static inline uint64_t *kp_expiries(kp_lane_hdr *h, kp_slot_hdr *s) {
+    return (uint64_t *)((char *)s + sizeof(kp_slot_hdr) + (uint64_t)h->max_batch * 16u);
+}
 static inline uint32_t *kp_row_lens(kp_lane_hdr *h, kp_slot_hdr *s) {
-    return (uint32_t *)((char *)s + sizeof(kp_slot_hdr) + (uint64_t)h->max_batch * 16u);
+    return (uint32_t *)((char *)s + sizeof(kp_slot_hdr) + (uint64_t)h->max_batch * 24u);
 }
 static inline uint32_t kp_gen(uint64_t w) { return (uint32_t)(w >> 32); }
 static inline uint32_t kp_count(uint64_t w) { return (uint32_t)(w & KP_COUNT_MASK); }
+static inline uint32_t kp_nreq(uint64_t w) { return (uint32_t)((w >> KP_NREQ_SHIFT) & KP_NREQ_MAX); }
 static inline int kp_closed(uint64_t w) { return (w & KP_CLOSED_BIT) != 0; }
 static inline uint64_t kp_row(uint32_t owner, uint64_t seq, uint32_t state) {
     return ((uint64_t)owner << 32) | ((seq & 0xffffffull) << 8) | state;
@@ -259,10 +279,12 @@ static inline void kp_slot_reset(kp_lane_hdr *h, kp_slot_hdr *s) {
     kp_a64 *rows = kp_row_words(h, s);
     uint32_t *lens = kp_row_lens(h, s);
     uint64_t *claimed = kp_claim_times(h, s);
+    uint64_t *expiries = kp_expiries(h, s);
     for (uint32_t r = 0; r < h->max_batch; r++) {
         atomic_store_explicit(&rows[r], kp_row(0, next, KP_ROW_EMPTY), KP_RELAXED);
         lens[r] = 0;
         claimed[r] = 0;
+        expiries[r] = 0;
     }
     atomic_store_explicit(&s->first_claim_ns, 0, KP_RELAXED);
     atomic_store_explicit(&s->committed, 0, KP_RELAXED);
@@ -284,12 +306,27 @@ static inline void kp_add_released(kp_lane_hdr *h, kp_slot_hdr *s, uint32_t n) {
     if (now == KP_DONE_UNIT + s->nrows) kp_slot_reset(h, s);
 }
 
+/* A request of slot `seq` left before its batch was taken (cancelled, or its client is gone): give its
+ * queue place back. The take zeroes the slot's request count when it consumes it, so each place is
+ * given back exactly once, by whichever comes first. */
+static inline void kp_unqueue(kp_slot_hdr *s, kp_doorbell *d, uint64_t seq) {
+    uint64_t w = atomic_load_explicit(&s->word, KP_ACQUIRE);
+    while (kp_gen(w) == (uint32_t)seq && kp_nreq(w) != 0) {
+        if (atomic_compare_exchange_weak_explicit(&s->word, &w, w - (1ull << KP_NREQ_SHIFT), KP_ACQ_REL, KP_ACQUIRE)) {
+            if (atomic_load_explicit(&d->max_queue, KP_RELAXED)) atomic_fetch_sub_explicit(&d->queued, 1, KP_ACQ_REL);
+            return;
+        }
+    }
+}
+
 /* ---- client side ---------------------------------------------------------------------------------- */
 
-/* Claim `n` consecutive rows in the open slot. On success *seq and *row say where. */
-static inline int kp_claim(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint32_t owner, uint64_t deadline_ns,
-                           const kp_spin *spin, uint64_t *seq_out, uint32_t *row_out) {
-    if (n == 0 || n > h->max_batch || owner == 0) return KP_E_INVALID;
+/* Claim `n` consecutive rows in the open slot. On success *seq and *row say where. `queue_timeout_ns`
+ * (0: none) bounds how long the request may wait before its batch is taken; past it, the request is
+ * not run (KP_E_EXPIRED at wait). With the model's max_queue set, a claim beyond it fails at once. */
+static inline int kp_claim_rows(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint32_t owner, uint64_t deadline_ns,
+                                uint64_t queue_timeout_ns, const kp_spin *spin, uint64_t *seq_out,
+                                uint32_t *row_out, int *counted) {
     for (;;) {
         uint32_t st = atomic_load_explicit(&h->status, KP_ACQUIRE);
         if (st == KP_LANE_DEAD) return KP_E_DEAD;
@@ -309,7 +346,7 @@ static inline int kp_claim(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint32_t 
             continue;
         }
         uint32_t c = kp_count(w);
-        if (kp_closed(w) || c + n > h->max_batch) {
+        if (kp_closed(w) || c + n > h->max_batch || kp_nreq(w) == KP_NREQ_MAX) {
             /* this request does not fit: seal the slot (the worker takes it now) and move on */
             if (!kp_closed(w) && !atomic_compare_exchange_weak_explicit(&s->word, &w, w | KP_CLOSED_BIT,
                                                                         KP_ACQ_REL, KP_ACQUIRE))
@@ -319,20 +356,25 @@ static inline int kp_claim(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint32_t 
                 kp_ring(d);
             continue;
         }
-        uint64_t nw = w + n;
+        uint64_t nw = w + n + (1ull << KP_NREQ_SHIFT);
         if (c + n == h->max_batch) nw |= KP_CLOSED_BIT;
         if (!atomic_compare_exchange_weak_explicit(&s->word, &w, nw, KP_ACQ_REL, KP_ACQUIRE)) continue;
+        *counted = 1; /* the slot's request count now holds our queue place: the worker gives it back */
+        uint64_t now = kp_now_ns();
         if (c == 0) {
             uint64_t zero = 0;
-            atomic_compare_exchange_strong_explicit(&s->first_claim_ns, &zero, kp_now_ns(), KP_RELAXED,
-                                                    KP_RELAXED);
+            atomic_compare_exchange_strong_explicit(&s->first_claim_ns, &zero, now, KP_RELAXED, KP_RELAXED);
         }
         kp_row_lens(h, s)[c] = n;
-        kp_claim_times(h, s)[c] = kp_now_ns();
+        kp_claim_times(h, s)[c] = now;
+        kp_expiries(h, s)[c] = queue_timeout_ns ? now + queue_timeout_ns : 0;
         uint64_t empty = kp_row(0, q, KP_ROW_EMPTY);
         if (!atomic_compare_exchange_strong_explicit(&kp_row_words(h, s)[c], &empty,
-                                                     kp_row(owner, q, KP_ROW_CLAIMED), KP_ACQ_REL, KP_ACQUIRE))
-            continue; /* the worker already gave these rows up (only after a commit timeout): claim again */
+                                                     kp_row(owner, q, KP_ROW_CLAIMED), KP_ACQ_REL, KP_ACQUIRE)) {
+            *counted = 0; /* the worker already gave these rows up (only after a commit timeout): claim again */
+            if (d->max_queue) atomic_fetch_add_explicit(&d->queued, 1, KP_RELAXED); /* a new queue place */
+            continue;
+        }
         if (nw & KP_CLOSED_BIT) {
             uint64_t expect = q;
             atomic_compare_exchange_strong_explicit(&h->open_seq, &expect, q + 1, KP_ACQ_REL, KP_ACQUIRE);
@@ -344,6 +386,7 @@ static inline int kp_claim(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint32_t 
             uint64_t mine = kp_row(owner, q, KP_ROW_CLAIMED);
             if (atomic_compare_exchange_strong_explicit(rw, &mine, kp_row(owner, q, KP_ROW_ABANDONED), KP_ACQ_REL,
                                                         KP_ACQUIRE)) {
+                kp_unqueue(s, d, q);
                 atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
                 kp_add_released(h, s, n);
             }
@@ -354,6 +397,24 @@ static inline int kp_claim(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint32_t 
         *row_out = c;
         return KP_OK;
     }
+}
+
+static inline int kp_claim(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint32_t owner, uint64_t deadline_ns,
+                           uint64_t queue_timeout_ns, const kp_spin *spin, uint64_t *seq_out, uint32_t *row_out) {
+    if (n == 0 || n > h->max_batch || owner == 0) return KP_E_INVALID;
+    uint32_t limit = atomic_load_explicit(&d->max_queue, KP_RELAXED);
+    if (limit) {
+        /* a queue place, given back by the worker when it takes the batch (or below on failure) */
+        if (atomic_fetch_add_explicit(&d->queued, 1, KP_ACQ_REL) >= limit) {
+            atomic_fetch_sub_explicit(&d->queued, 1, KP_ACQ_REL);
+            atomic_fetch_add_explicit(&d->rejected, 1, KP_RELAXED);
+            return KP_E_FULL;
+        }
+    }
+    int counted = 0;
+    int rc = kp_claim_rows(h, d, n, owner, deadline_ns, queue_timeout_ns, spin, seq_out, row_out, &counted);
+    if (rc != KP_OK && limit && !counted) atomic_fetch_sub_explicit(&d->queued, 1, KP_ACQ_REL);
+    return rc;
 }
 
 static inline int kp_check_claim(kp_lane_hdr *h, uint64_t seq, uint32_t row, uint32_t n) {
@@ -386,13 +447,17 @@ static inline int kp_commit(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint32
 
 /* Wait until the slot holding `seq` is done. Returns the batch status (0 ok, >0 backend failure) or
  * a negative KP_E_* code. */
-static inline int kp_wait_done(kp_lane_hdr *h, uint64_t seq, uint64_t deadline_ns, const kp_spin *spin) {
+static inline int kp_wait_done(kp_lane_hdr *h, uint64_t seq, uint32_t row, uint64_t deadline_ns,
+                               const kp_spin *spin) {
+    if (row >= h->max_batch) return KP_E_INVALID;
     kp_slot_hdr *s = kp_slot(h, seq);
     for (;;) {
         if (kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)) != (uint32_t)seq) return KP_E_ABANDONED;
         uint32_t st = atomic_load_explicit(&s->state, KP_ACQUIRE);
         if (st == KP_SLOT_DONE) {
             int32_t status = s->batch_status;
+            if ((atomic_load_explicit(&kp_row_words(h, s)[row], KP_ACQUIRE) & 0xff) == KP_ROW_EXPIRED)
+                status = KP_E_EXPIRED;
             /* the slot may have been reset (our rows abandoned) between the two loads: check again */
             if (kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)) != (uint32_t)seq) return KP_E_ABANDONED;
             return status;
@@ -411,12 +476,20 @@ static inline int kp_release(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint3
     uint64_t expect = kp_row(owner, seq, KP_ROW_COMMITTED);
     if (atomic_compare_exchange_strong_explicit(rw, &expect, kp_row(owner, seq, KP_ROW_RELEASED), KP_ACQ_REL,
                                                 KP_ACQUIRE)) {
+        kp_unqueue(s, d, seq); /* released before its batch was taken: it leaves the queue */
+        kp_add_released(h, s, n);
+        return KP_OK;
+    }
+    expect = kp_row(owner, seq, KP_ROW_EXPIRED);
+    if (atomic_compare_exchange_strong_explicit(rw, &expect, kp_row(owner, seq, KP_ROW_RELEASED), KP_ACQ_REL,
+                                                KP_ACQUIRE)) {
         kp_add_released(h, s, n);
         return KP_OK;
     }
     expect = kp_row(owner, seq, KP_ROW_CLAIMED);
     if (atomic_compare_exchange_strong_explicit(rw, &expect, kp_row(owner, seq, KP_ROW_ABANDONED), KP_ACQ_REL,
                                                 KP_ACQUIRE)) {
+        kp_unqueue(s, d, seq);
         atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
         kp_ring(d);
         kp_add_released(h, s, n);
@@ -437,6 +510,21 @@ static inline int kp_lane_idle(kp_lane_hdr *h) {
     return 1;
 }
 
+/* Server side, when a lane is dropped (after retiring it) or its worker died: seal every slot so no
+ * claim can land any more, and give back the queue places of requests no worker will take. */
+static inline void kp_lane_seal(kp_lane_hdr *h, kp_doorbell *d) {
+    for (uint32_t i = 0; i < h->nslots; i++) {
+        kp_slot_hdr *s = kp_slot(h, i);
+        uint64_t w = atomic_load_explicit(&s->word, KP_ACQUIRE);
+        while (!kp_closed(w) &&
+               !atomic_compare_exchange_weak_explicit(&s->word, &w, w | KP_CLOSED_BIT, KP_ACQ_REL, KP_ACQUIRE)) {
+        }
+        if (kp_count(w) && atomic_load_explicit(&s->state, KP_ACQUIRE) == KP_SLOT_OPEN &&
+            atomic_load_explicit(&d->max_queue, KP_RELAXED))
+            atomic_fetch_sub_explicit(&d->queued, kp_nreq(w), KP_ACQ_REL);
+    }
+}
+
 /* Server side: give back every row a gone client held. Returns the number of requests reclaimed. */
 static inline uint32_t kp_reclaim_owner(kp_lane_hdr *h, kp_doorbell *d, uint32_t owner) {
     uint32_t found = 0;
@@ -453,14 +541,16 @@ static inline uint32_t kp_reclaim_owner(kp_lane_hdr *h, kp_doorbell *d, uint32_t
             if (st == KP_ROW_CLAIMED &&
                 atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row_with_state(w, KP_ROW_ABANDONED), KP_ACQ_REL,
                                                         KP_ACQUIRE)) {
+                kp_unqueue(s, d, kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)));
                 atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
                 atomic_fetch_add_explicit(&h->counters.abandoned_rows, n, KP_RELAXED);
                 kp_ring(d);
                 kp_add_released(h, s, n);
                 found++;
-            } else if (st == KP_ROW_COMMITTED &&
+            } else if ((st == KP_ROW_COMMITTED || st == KP_ROW_EXPIRED) &&
                        atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row_with_state(w, KP_ROW_RELEASED),
                                                                KP_ACQ_REL, KP_ACQUIRE)) {
+                kp_unqueue(s, d, kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)));
                 kp_add_released(h, s, n);
                 found++;
             }
@@ -503,8 +593,8 @@ static inline void kp_abandon_uncommitted(kp_lane_hdr *h, kp_slot_hdr *s, uint32
 
 /* Take the batch at run_seq of lane `h` if it is ready by `policy`. Returns 1 and fills *seq and *nrows
  * when taken; 0 otherwise, lowering *next_deadline when the window is still open. */
-static inline int kp_try_take(kp_lane_hdr *h, const kp_batch_policy *p, uint64_t now, uint64_t *next_deadline,
-                              uint64_t *seq_out, uint32_t *nrows_out) {
+static inline int kp_try_take(kp_lane_hdr *h, kp_doorbell *d, const kp_batch_policy *p, uint64_t now,
+                              uint64_t *next_deadline, uint64_t *seq_out, uint32_t *nrows_out) {
     if (atomic_load_explicit(&h->status, KP_ACQUIRE) == KP_LANE_DEAD) return 0;
     uint64_t q = atomic_load_explicit(&h->run_seq, KP_ACQUIRE);
     kp_slot_hdr *s = kp_slot(h, q);
@@ -534,9 +624,14 @@ static inline int kp_try_take(kp_lane_hdr *h, const kp_batch_policy *p, uint64_t
     uint64_t expect = q;
     if (!atomic_compare_exchange_strong_explicit(&h->run_seq, &expect, q + 1, KP_ACQ_REL, KP_ACQUIRE))
         return 0; /* another instance took it */
+    /* closed: the row count is final; consume the request count (queue places) in the same CAS */
     w = atomic_load_explicit(&s->word, KP_ACQUIRE);
+    while (!atomic_compare_exchange_weak_explicit(&s->word, &w, w & ~((uint64_t)KP_NREQ_MAX << KP_NREQ_SHIFT),
+                                                  KP_ACQ_REL, KP_ACQUIRE)) {
+    }
     uint32_t c = kp_count(w);
     if (c > h->max_batch) c = h->max_batch;
+    if (atomic_load_explicit(&d->max_queue, KP_RELAXED)) atomic_fetch_sub_explicit(&d->queued, kp_nreq(w), KP_ACQ_REL);
     s->nrows = c;
     s->taken_ns = now;
     atomic_store_explicit(&s->state, KP_SLOT_TAKEN, KP_RELEASE);
@@ -546,8 +641,10 @@ static inline int kp_try_take(kp_lane_hdr *h, const kp_batch_policy *p, uint64_t
 }
 
 /* Wait (spinning, then on the doorbell) until every row of the taken batch is committed or the commit
- * timeout passes; then abandon what is missing. */
-static inline void kp_await_commits(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint32_t c, const kp_batch_policy *p) {
+ * timeout passes; then abandon what is missing, and expire what waited past its queue deadline.
+ * Returns how many requests are left to run. */
+static inline uint32_t kp_await_commits(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint32_t c,
+                                        const kp_batch_policy *p) {
     kp_slot_hdr *s = kp_slot(h, seq);
     uint64_t deadline = kp_now_ns() + p->commit_timeout_ns;
     while (atomic_load_explicit(&s->committed, KP_ACQUIRE) < c) {
@@ -561,13 +658,37 @@ static inline void kp_await_commits(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq
         }
     }
     atomic_thread_fence(KP_ACQUIRE); /* pairs with each committer's release: the input rows are visible */
+    kp_a64 *rows = kp_row_words(h, s);
+    uint32_t *lens = kp_row_lens(h, s);
+    uint64_t *expiries = kp_expiries(h, s);
+    uint64_t now = kp_now_ns();
+    uint32_t live = 0;
+    for (uint32_t r = 0; r < c;) {
+        uint64_t w = atomic_load_explicit(&rows[r], KP_ACQUIRE);
+        uint32_t n = lens[r];
+        if (n == 0 || n > c - r) n = 1;
+        uint32_t st = (uint32_t)(w & 0xff);
+        if (st == KP_ROW_COMMITTED || st == KP_ROW_RELEASED) {
+            uint64_t expiry = expiries[r];
+            if (expiry && now > expiry && st == KP_ROW_COMMITTED &&
+                atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row_with_state(w, KP_ROW_EXPIRED),
+                                                        KP_ACQ_REL, KP_ACQUIRE)) {
+                /* its client sees EXPIRED when done, then releases it as usual */
+                atomic_fetch_add_explicit(&h->counters.expired_requests, 1, KP_RELAXED);
+            } else if (st == KP_ROW_COMMITTED) {
+                live++;
+            }
+        }
+        r += n;
+    }
+    return live;
 }
 
 /* The worker's wait: returns KP_OK with a taken, fully committed batch in (*lane_out, *seq_out,
  * *nrows_out); KP_NONE after max_wait with nothing to do; KP_CONTROL when the server rang for a
  * control message (the flag is cleared). */
 static inline int kp_next_batch(kp_lane_hdr **lanes, uint32_t nlanes, kp_doorbell *d, const kp_batch_policy *p,
-                                uint32_t *lane_out, uint64_t *seq_out, uint32_t *nrows_out) {
+                                uint32_t *lane_out, uint64_t *seq_out, uint32_t *nrows_out, uint32_t *live_out) {
     uint64_t start = kp_now_ns();
     uint64_t give_up = start + p->max_wait_ns;
     uint64_t yield_until = start + p->spin.yield_ns;
@@ -580,8 +701,8 @@ static inline int kp_next_batch(kp_lane_hdr **lanes, uint32_t nlanes, kp_doorbel
         for (uint32_t i = 0; i < nlanes; i++) {
             uint64_t q;
             uint32_t c;
-            if (kp_try_take(lanes[i], p, now, &next_deadline, &q, &c)) {
-                kp_await_commits(lanes[i], d, q, c, p);
+            if (kp_try_take(lanes[i], d, p, now, &next_deadline, &q, &c)) {
+                *live_out = kp_await_commits(lanes[i], d, q, c, p);
                 atomic_fetch_add_explicit(&lanes[i]->counters.batches, 1, KP_RELAXED);
                 atomic_fetch_add_explicit(&lanes[i]->counters.rows, c, KP_RELAXED);
                 *lane_out = i;
@@ -658,7 +779,7 @@ static inline void kp_stats_record(kp_stats *st, kp_lane_hdr *h, kp_slot_hdr *s,
     uint64_t *claimed = kp_claim_times(h, s);
     uint32_t *lens = kp_row_lens(h, s);
     uint32_t c = s->nrows;
-    uint64_t nreq = 0, nsamples = 0, queue = 0, total = 0;
+    uint64_t nreq = 0, nsamples = 0, queue = 0, total = 0, nexpired = 0;
     uint32_t r = 0;
     while (r < c) {
         uint64_t w = atomic_load_explicit(&rows[r], KP_ACQUIRE);
@@ -672,6 +793,8 @@ static inline void kp_stats_record(kp_stats *st, kp_lane_hdr *h, kp_slot_hdr *s,
             nsamples += n;
             queue += s->taken_ns > t ? s->taken_ns - t : 0;
             total += done_ns - t;
+        } else if (stt == KP_ROW_EXPIRED) {
+            nexpired++;
         }
         r += n;
     }
@@ -690,6 +813,7 @@ static inline void kp_stats_record(kp_stats *st, kp_lane_hdr *h, kp_slot_hdr *s,
         atomic_fetch_add_explicit(&st->fail_count, nreq, KP_RELAXED);
         atomic_fetch_add_explicit(&st->fail_ns, total, KP_RELAXED);
     }
+    if (nexpired) atomic_fetch_add_explicit(&st->fail_count, nexpired, KP_RELAXED);
     atomic_store_explicit(&st->last_inference_ms, kp_wall_ms(), KP_RELAXED);
 }
 

@@ -29,9 +29,17 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         allow_other_users=args.allow_other_users,
     )
+    security = {
+        "grpc_tls_cert": args.grpc_tls_cert, "grpc_tls_key": args.grpc_tls_key,
+        "grpc_tls_client_ca": args.grpc_tls_client_ca, "grpc_token_file": args.grpc_token_file,
+    }
+    if args.grpc_port is None and any(v is not None for v in security.values()):
+        print("kernelport: the --grpc-tls-* and --grpc-token-file options need --grpc-port", file=sys.stderr)
+        return 2
     try:
         serve_forever(options, grpc_port=args.grpc_port, grpc_host=args.grpc_host,
-                      allow_client_shm=args.allow_client_shm)
+                      allow_client_shm=args.allow_client_shm, **security, http_port=args.http_port,
+                      http_host=args.http_host, http_max_body_bytes=int(args.http_max_body_mb * (1 << 20)))
     except KernelPortError as e:
         print(f"kernelport: {e}", file=sys.stderr)
         return 2
@@ -57,6 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--grpc-port", type=int, default=None, help="serve gRPC (KServe v2) on this port")
     s.add_argument("--grpc-host", default="127.0.0.1")
     s.add_argument("--allow-client-shm", action="store_true", help="let gRPC clients register shared memory")
+    s.add_argument("--http-port", type=int, default=None,
+                   help="serve HTTP/REST (KServe v2) and Prometheus /metrics on this port")
+    s.add_argument("--http-host", default="127.0.0.1")
+    s.add_argument("--http-max-body-mb", type=float, default=64.0,
+                   help="largest HTTP request body accepted, in MiB (larger ones get 413)")
+    s.add_argument("--grpc-tls-cert", metavar="FILE", help="serve gRPC over TLS only, with this PEM certificate chain")
+    s.add_argument("--grpc-tls-key", metavar="FILE", help="the PEM private key of --grpc-tls-cert")
+    s.add_argument("--grpc-tls-client-ca", metavar="FILE",
+                   help="mutual TLS: require gRPC clients to present a certificate signed by this PEM CA bundle")
+    s.add_argument("--grpc-token-file", metavar="FILE",
+                   help="require 'authorization: Bearer <token>' gRPC metadata; the file holds 'group:token' "
+                        "lines ('#' comments), group one of infer (ModelInfer, ModelStreamInfer), metadata "
+                        "(server/model metadata, config, model ready, statistics, repository index), "
+                        "repository (load/unload), shm (shared-memory register/unregister/status), health "
+                        "(server live/ready, grpc.health), or '*' for every RPC; groups not listed stay open")
     s.add_argument("--commit-timeout-ms", type=float, default=100.0,
                    help="how long a claimed row may stay uncommitted before its batch runs without it")
     s.add_argument("--lane-slots", type=int, default=4, help="batch slots per lane")

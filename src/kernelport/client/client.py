@@ -144,8 +144,12 @@ class Client:
         return {k: int(v) for k, v in self._call({"op": "counters", "model": model})[0]["counters"].items()}
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
-              timeout: float | None = None) -> dict[str, np.ndarray]:
-        """Run one request; returns a dict of output arrays (copies)."""
+              timeout: float | None = None, queue_timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Run one request; returns a dict of output arrays (copies).
+
+        `timeout`: seconds to wait for the result. `queue_timeout`: seconds the request may wait for
+        its batch before it is dropped unrun, when the model's queue policy allows overriding its
+        default_timeout_microseconds."""
         m = self._model(model)
         n, shapes, arrays, caps = validate_inputs(m.info, inputs)
         if outputs is not None:
@@ -153,7 +157,8 @@ class Client:
         for attempt in (0, 1):
             view = self._lane(m, shapes, caps)
             try:
-                return view.run(self.owner, arrays, n, timeout or self.timeout, model, outputs, self._check_alive)
+                return view.run(self.owner, arrays, n, timeout or self.timeout, model, outputs, self._check_alive,
+                                m.info.queue_timeout(queue_timeout))
             except (_kpcore.LaneRetired, ModelNotReadyError):
                 # the lane was retired or its worker restarted: ask once more
                 self._forget(model)
@@ -163,7 +168,7 @@ class Client:
         raise AssertionError("unreachable")
 
     def request(self, model: str, batch: int = 1, shapes: Mapping[str, Sequence[int]] | None = None,
-                timeout: float | None = None) -> InferRequest:
+                timeout: float | None = None, queue_timeout: float | None = None) -> InferRequest:
         """A zero-copy request: claim rows now, fill `req.inputs` in place, `req.run()`, read the
         outputs in place, and release by leaving the `with` block (or `req.release()`).
 
@@ -187,7 +192,7 @@ class Client:
         for attempt in (0, 1):
             view = self._lane(m, tuple(per))
             try:
-                seq, row = view.claim(self.owner, n, limit, model)
+                seq, row = view.claim(self.owner, n, limit, model, info.queue_timeout(queue_timeout))
             except (_kpcore.LaneRetired, ModelNotReadyError):
                 self._forget(model)  # retired lane or restarted worker: ask once more
                 if attempt:

@@ -65,6 +65,8 @@ class ModelInfo:
     outputs: tuple[TensorInfo, ...]
     platform: str = ""
     versions: tuple[str, ...] = ("1",)
+    queue_timeout_us: int = 0  # dynamic_batching.default_queue_policy (REJECT): 0 = none
+    allow_timeout_override: bool = False
 
     @property
     def batching(self) -> bool:
@@ -81,6 +83,8 @@ class ModelInfo:
             "outputs": [t(x) for x in self.outputs],
             "platform": self.platform,
             "versions": list(self.versions),
+            "queue_timeout_us": self.queue_timeout_us,
+            "allow_timeout_override": self.allow_timeout_override,
         }
 
     @classmethod
@@ -96,7 +100,16 @@ class ModelInfo:
             outputs=tuple(t(x) for x in d["outputs"]),
             platform=str(d.get("platform", "")),
             versions=tuple(str(v) for v in d.get("versions", ["1"])),
+            queue_timeout_us=int(d.get("queue_timeout_us", 0)),
+            allow_timeout_override=bool(d.get("allow_timeout_override", False)),
         )
+
+    def queue_timeout(self, requested: float | None) -> float:
+        """Seconds a request may wait to be taken (0: no limit): the policy's default, or the request's
+        own when the policy allows overriding it."""
+        if requested is not None and self.allow_timeout_override:
+            return max(0.0, requested)
+        return self.queue_timeout_us / 1e6
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -267,9 +280,11 @@ class LaneView:
             return [v[row:row + n] for v in per]
         return [v[0] for v in per]
 
-    def claim(self, owner: int, n: int, timeout: float, model: str) -> tuple[int, int]:
+    def claim(self, owner: int, n: int, timeout: float, model: str, queue_timeout: float = 0.0) -> tuple[int, int]:
         try:
-            seq, row = self.lane.claim(n, owner, timeout)
+            seq, row = self.lane.claim(n, owner, timeout, queue_timeout)
+        except _kpcore.LaneFull:
+            raise QueueFullError(f"model '{model}': the queue is full (max_queue_size)") from None
         except _kpcore.LaneTimeout:
             raise QueueFullError(f"model '{model}': no free batch slot within {timeout:.3f} s") from None
         except _kpcore.LaneDead:
@@ -286,9 +301,12 @@ class LaneView:
             if commit:
                 status = lane.commit_and_wait(seq, row, n, owner, min(timeout, 1.0))
             else:
-                status = lane.wait(seq, min(timeout, 1.0))
+                status = lane.wait(seq, min(timeout, 1.0), row)
         except _kpcore.LaneTimeout:
             status = None
+        except _kpcore.LaneExpired:
+            self._release_quietly(seq, row, n, owner)
+            raise InferTimeoutError(f"model '{model}': request timed out in the queue and was not run") from None
         except _kpcore.LaneAbandoned:
             self._release_quietly(seq, row, n, owner)
             raise InferTimeoutError(f"model '{model}': request was not committed within the commit timeout") from None
@@ -302,9 +320,12 @@ class LaneView:
                     check_alive()
                 if left <= 0:
                     raise InferTimeoutError(f"model '{model}': no response within {timeout:.3f} s")
-                status = lane.wait(seq, min(left, 1.0))
+                status = lane.wait(seq, min(left, 1.0), row)
             except _kpcore.LaneTimeout:
                 continue
+            except _kpcore.LaneExpired:
+                self._release_quietly(seq, row, n, owner)
+                raise InferTimeoutError(f"model '{model}': request timed out in the queue and was not run") from None
             except BaseException as e:
                 self._release_quietly(seq, row, n, owner)
                 if isinstance(e, _kpcore.LaneDead):
@@ -323,9 +344,9 @@ class LaneView:
 
     def run(self, owner: int, arrays: Sequence[np.ndarray], n: int, timeout: float, model: str,
             wanted: Sequence[str] | None = None,
-            check_alive: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
+            check_alive: Callable[[], None] | None = None, queue_timeout: float = 0.0) -> dict[str, np.ndarray]:
         """One request, copying in and out."""
-        seq, row = self.claim(owner, n, timeout, model)
+        seq, row = self.claim(owner, n, timeout, model, queue_timeout)
         committed = False
         try:
             dst = self.rows(seq, row, n)

@@ -56,10 +56,17 @@ from kernelport.server.shm_registry import SharedMemoryRegion, SharedMemoryRegis
 
 __all__ = [
     "HEALTH_SERVICE_NAME",
+    "ITEMSIZE",
     "SERVICE_NAME",
     "GrpcFrontendServer",
     "InferenceServicer",
     "StatusError",
+    "check_byte_size",
+    "fmt_shape",
+    "numpy_dtype",
+    "parse_bytes_tensor",
+    "serialize_bytes_tensor",
+    "server_version",
     "serve_grpc",
 ]
 
@@ -685,7 +692,8 @@ class InferenceServicer:
             out_plan = self._plan_outputs(spec, request)
             timeout = _timeout(request, deadline_s)
             wanted = [o.name for o in out_plan] if len(request.outputs) else None
-            results = self.dp.infer(name, inputs, outputs=wanted, timeout=timeout)
+            results = self.dp.infer(name, inputs, outputs=wanted, timeout=timeout,
+                                    queue_timeout=_timeout(request, None))
             del inputs  # views of shared memory must not outlive the regions' references
             resp = into if into is not None else self.ModelInferResponse()
             self._encode_outputs(spec, request, out_plan, results, region, resp)
@@ -948,6 +956,16 @@ def _fill_model_statistics(ms: Any, name: str, snap: Any) -> None:
         put(out.compute_output, b.compute_output)
 
 
+# The tensor wire rules shared with the HTTP front end (kernelport.protocol.http_frontend), under public names.
+ITEMSIZE = _ITEMSIZE
+check_byte_size = _check_byte_size
+fmt_shape = _fmt_shape
+numpy_dtype = _numpy_dtype
+parse_bytes_tensor = _parse_bytes_tensor
+serialize_bytes_tensor = _serialize_bytes_tensor
+server_version = _server_version
+
+
 # ------------------------------------------------------------------------------------------------------
 # the server
 
@@ -997,6 +1015,8 @@ def serve_grpc(
     *,
     allow_client_shm: bool = False,
     reserved_shm_prefixes: tuple[str, ...] | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> GrpcFrontendServer:
     """Start the gRPC front end on host:port and return the started server (a `grpc.Server`).
 
@@ -1004,7 +1024,9 @@ def serve_grpc(
     is also the most remote requests that can share one batch. `port=0` picks a free port (the returned
     server's `port` says which). `allow_client_shm` enables the system shared-memory extension;
     `reserved_shm_prefixes` are key prefixes of the server's own segments, which clients may never
-    register (default: the registry's). Raises OSError when the address cannot be bound.
+    register (default: the registry's). `credentials` (`kernelport.protocol.auth.server_credentials`)
+    makes the port TLS only; `interceptors` run before every RPC (`auth.BearerTokenInterceptor`). Raises
+    OSError when the address cannot be bound.
     """
     registry = (
         SharedMemoryRegistry(allowed=allow_client_shm)
@@ -1020,11 +1042,15 @@ def serve_grpc(
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kp-grpc"),
         handlers=servicer.handlers(),
+        interceptors=list(interceptors),
         options=options,
     )
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         servicer.close()
         raise OSError(f"cannot listen for gRPC on {address}: {exc}") from None
@@ -1033,7 +1059,8 @@ def serve_grpc(
         raise OSError(f"cannot listen for gRPC on {address}")
     server.start()
     log.info(
-        "gRPC front end listening on %s:%d (%d workers, max message %d bytes, client shared memory %s)",
-        host, bound, workers, max_message_bytes, "allowed" if allow_client_shm else "refused",
+        "gRPC front end listening on %s:%d (%s, %d workers, max message %d bytes, client shared memory %s)",
+        host, bound, "TLS" if credentials is not None else "plaintext", workers, max_message_bytes,
+        "allowed" if allow_client_shm else "refused",
     )  # fmt: skip
     return GrpcFrontendServer(server, servicer, bound)

@@ -143,15 +143,20 @@ class DataPlane:
     # ---- inference ----
 
     def infer(self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
-              timeout: float | None = None) -> dict[str, np.ndarray]:
+              timeout: float | None = None, queue_timeout: float | None = None) -> dict[str, np.ndarray]:
+        """`queue_timeout` (seconds): the request's own queue timeout, honoured when the model's queue
+        policy allows overriding its default."""
         rt = self._runtime(name)
         info = rt.require_ready()
         n, shapes, arrays, caps = validate_inputs(info, inputs)
         if outputs is not None:
             check_outputs(info, outputs)
+        qt = info.queue_timeout(queue_timeout)
+        if timeout:  # a request whose caller stops waiting (gRPC deadline) is not run after that
+            qt = min(qt, timeout) if qt else timeout
         try:
             lane = rt.lane_for(shapes, caps)
-            return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs)
+            return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None, qt)
         except _kpcore.LaneRetired:  # evicted between lookup and claim: the next lookup makes a new one
             lane = rt.lane_for(shapes, caps)
-            return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs)
+            return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None, qt)

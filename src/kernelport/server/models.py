@@ -30,7 +30,7 @@ UNAVAILABLE = "UNAVAILABLE"
 UNLOADING = "UNLOADING"
 CRASH_WINDOW_S = 60.0
 LANE_COUNTERS = ("claims", "batches", "rows", "client_sleeps", "worker_sleeps", "commit_timeouts", "full_waits",
-                 "abandoned_rows", "failed_batches")
+                 "abandoned_rows", "failed_batches", "expired_requests")
 
 
 @dataclass
@@ -133,6 +133,10 @@ class ModelRuntime:
         self.device = ""
         self.load_seconds = 0.0
         self.crashes: list[float] = []  # monotonic times of recent worker crashes
+        self.worker_crashes = 0  # workers that exited on their own since the model was loaded (metrics)
+        self.restarts = 0  # restarts after a crash since the model was loaded (metrics)
+        # counters of the lanes evicted since the workers started, so that counters() never goes back
+        self.evicted_counters: dict[str, int] = dict.fromkeys(LANE_COUNTERS, 0)
         self.unloaded = False  # unloaded on request: not counted in the server's readiness
 
     # ---- load / unload ----
@@ -203,6 +207,7 @@ class ModelRuntime:
             outputs=tuple(TensorInfo(t.name, t.datatype, t.dims) for t in spec.outputs),
             platform=spec.platform or entry.platform,
             versions=tuple(str(v) for v in entry.selected_versions),
+            **_queue_policy(config),
         )
         for t in spec.inputs + spec.outputs:
             if t.dtype is None:
@@ -212,9 +217,11 @@ class ModelRuntime:
                 raise ConfigError(f"model '{self.name}': tensor '{t.name}': reshape is not supported yet")
         seg = _kpcore.Segment.create(_kpcore.DOORBELL_BYTES, f"kp-{self.name}-bell")
         self.doorbell = _kpcore.Doorbell(seg, init=True)
+        self.doorbell.set_max_queue(_max_queue_size(config))
         max_rows = max(1, spec.max_batch_size)
         stats_seg = _kpcore.Segment.create(_kpcore.StatsBlock.required_size(max_rows), f"kp-{self.name}-stats")
         self.stats = _kpcore.StatsBlock(stats_seg, max_rows, init=True)
+        self.evicted_counters = dict.fromkeys(LANE_COUNTERS, 0)  # lane counters start again with the stats
         policy = batch_policy(spec, self.options.commit_timeout)
         policy.update(_policy_overrides(spec.parameters))
         for w in self.workers:
@@ -254,9 +261,11 @@ class ModelRuntime:
         with self.lock:
             for lane in self.lanes.values():
                 lane.view.lane.set_status(_kpcore.LANE_DEAD)
+                lane.view.lane.seal()
             self.lanes.clear()
         now = time.monotonic()
         self.crashes = [t for t in self.crashes if now - t < CRASH_WINDOW_S] + [now]
+        self.worker_crashes += 1
         if len(self.crashes) > self.options.max_restarts:
             self.reason = (f"its worker crashed {len(self.crashes)} times in {CRASH_WINDOW_S:.0f} s "
                            f"(last exit code {code}); not restarting it")
@@ -270,6 +279,7 @@ class ModelRuntime:
         self._stop_workers()
         self.state = LOADING
         self.load()
+        self.restarts += 1
         log.info("model '%s': restarted", self.name)
 
     # ---- lanes ----
@@ -306,8 +316,11 @@ class ModelRuntime:
             if not lane.idle():  # in use: leave it be
                 lane.set_status(_kpcore.LANE_LIVE)
                 continue
+            lane.seal()
             for w in self.workers:
                 w.call(("drop", entry.layout.lane_id))
+            for k, v in lane.counters().items():
+                self.evicted_counters[k] = self.evicted_counters.get(k, 0) + int(v)
             del self.lanes[key]
             log.debug("model '%s': evicted idle lane %d", self.name, entry.layout.lane_id)
             return True
@@ -357,8 +370,8 @@ class ModelRuntime:
         return sum(int(lane.view.lane.reclaim(owner)) for lane in lanes)
 
     def counters(self) -> dict[str, int]:
-        total = dict.fromkeys(LANE_COUNTERS, 0)
         with self.lock:
+            total = dict(self.evicted_counters)
             lanes = list(self.lanes.values())
         for lane in lanes:
             for k, v in lane.view.lane.counters().items():
@@ -382,3 +395,23 @@ def _policy_overrides(params: dict[str, str]) -> dict[str, Any]:
 
 
 __all__ = ["LaneEntry", "ModelRuntime", "ServerOptions", "WorkerHandle", "batch_policy"]
+
+
+def _queue_policy(config: Any) -> dict[str, Any]:
+    """dynamic_batching.default_queue_policy, as the clients apply it (timeouts with REJECT; DELAY
+    keeps requests waiting, so it sets no deadline here)."""
+    if not config.HasField("dynamic_batching") or not config.dynamic_batching.HasField("default_queue_policy"):
+        return {}
+    qp = config.dynamic_batching.default_queue_policy
+    reject = qp.timeout_action == 0  # REJECT
+    return {
+        "queue_timeout_us": int(qp.default_timeout_microseconds) if reject else 0,
+        "allow_timeout_override": bool(qp.allow_timeout_override) and reject,
+    }
+
+
+def _max_queue_size(config: Any) -> int:
+    if not config.HasField("dynamic_batching") or not config.dynamic_batching.HasField("default_queue_policy"):
+        return 0
+    size = int(config.dynamic_batching.default_queue_policy.max_queue_size)
+    return max(0, min(size, 2**31))

@@ -39,6 +39,7 @@ class Server:
         self.connections: set[socket.socket] = set()
         self.threads: list[threading.Thread] = []
         self.grpc_server: Any = None
+        self.http_server: Any = None  # kernelport.protocol.http_frontend.HttpFrontend
 
     # ---- lifecycle ----
 
@@ -80,6 +81,8 @@ class Server:
         self.stopping.set()
         if self.grpc_server is not None:
             self.grpc_server.stop(grace=1.0)
+        if self.http_server is not None:
+            self.http_server.stop()
         if self.sock is not None:
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
@@ -243,10 +246,28 @@ class Server:
 
 
 def serve_forever(options: ServerOptions, grpc_port: int | None = None, grpc_host: str = "127.0.0.1",
-                  allow_client_shm: bool = False) -> None:
-    """Run until SIGINT/SIGTERM; then shut down cleanly."""
+                  allow_client_shm: bool = False, *, grpc_tls_cert: str | None = None,
+                  grpc_tls_key: str | None = None, grpc_tls_client_ca: str | None = None,
+                  grpc_token_file: str | None = None, http_port: int | None = None,
+                  http_host: str = "127.0.0.1", http_max_body_bytes: int | None = None) -> None:
+    """Run until SIGINT/SIGTERM; then shut down cleanly.
+
+    The gRPC TLS files and token file (`kernelport.protocol.auth`) are read before anything starts, so a
+    bad one fails with a ConfigError at once.
+    """
     import signal
 
+    grpc_security: dict[str, Any] = {}
+    if grpc_port is not None:
+        from kernelport.protocol import auth
+
+        tls = auth.read_tls_files(grpc_tls_cert, grpc_tls_key, grpc_tls_client_ca)
+        if tls is not None:
+            grpc_security["credentials"] = auth.server_credentials(tls)
+        if grpc_token_file is not None:
+            table = auth.TokenTable.from_file(grpc_token_file)
+            grpc_security["interceptors"] = [auth.BearerTokenInterceptor(table)]
+            log.info("gRPC bearer tokens required for: %s", ", ".join(table.protected_groups))
     server = Server(options)
     done = threading.Event()
 
@@ -262,11 +283,18 @@ def serve_forever(options: ServerOptions, grpc_port: int | None = None, grpc_hos
             from kernelport.protocol.grpc_frontend import serve_grpc
 
             server.grpc_server = serve_grpc(server.dataplane, host=grpc_host, port=grpc_port,
-                                            allow_client_shm=allow_client_shm)
+                                            allow_client_shm=allow_client_shm, **grpc_security)
             log.info("gRPC (KServe v2) on %s:%d", grpc_host, grpc_port)
+        if http_port is not None:
+            from kernelport.protocol.http_frontend import DEFAULT_MAX_BODY_BYTES, serve_http
+
+            server.http_server = serve_http(server.dataplane, host=http_host, port=http_port,
+                                            max_body_bytes=http_max_body_bytes or DEFAULT_MAX_BODY_BYTES)
         names = server.dataplane.model_names()
         log.info("serving %d model(s) on %s: %s", len(names), options.socket_path, ", ".join(names))
         print(_how_to_call(server, options.socket_path, grpc_host, grpc_port), flush=True)
+        if server.http_server is not None:
+            print(server.http_server.how_to_call(), flush=True)
         print(f"kernelport: ready on {options.socket_path}", flush=True)
         while not done.wait(0.5):
             pass

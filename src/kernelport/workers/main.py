@@ -174,8 +174,11 @@ class Worker:
             rc = next_batch(self.raw_lanes, self.bell, p.window, p.close_at, p.commit_timeout, 0.1,
                             p.pause_iters, p.idle_spin)
             if type(rc) is tuple:
-                li, seq, n = rc
+                li, seq, n, live = rc
                 lane = self.raw_lanes[li]
+                if live == 0:  # every request expired in the queue: nothing to run
+                    lane.complete(seq, 0, "", stats, 0)
+                    continue
                 t0 = clock()
                 try:
                     self.runner(li, seq, n)()
