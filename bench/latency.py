@@ -5,15 +5,19 @@
 
 For each model (add_sub, mlp, identity_16m):
 - concurrency 1: the floor (ONNX Runtime `InferenceSession.run` on the same .onnx file in this process, with
-  the worker's session options) and each served path (local client copy form, zero-copy form, and the lane
-  round trip alone as a diagnostic), `--iterations` timed requests after warm-up, `--repeats` times,
-  interleaved; p50 and p99 are the medians over the repeats of each repeat's p50 and p99;
+  the worker's session options) and each served path (local client copy form, zero-copy form; with
+  `--diagnostics` also the lane round trip alone), `--iterations` timed requests after warm-up, `--repeats`
+  times, interleaved; p50 and p99 are the medians over the repeats of each repeat's p50 and p99;
 - concurrency N (`--processes`, default 16): N spawned client processes doing batch-1 requests for
   `--duration` seconds after a barrier: throughput (inferences/s = samples/s), p50/p99 over all requests,
   mean batch size from the server's lane counters (rows / batches); against the floor's in-process
   throughput at the model's max batch size on one thread.
 
 Figures are ratios or differences against the floor measured in the same run (CONVENTIONS.md, Benchmarks).
+Each row also records the share of the CPU that other processes used meanwhile ("others"): these machines
+are shared. A model whose rows fail (a server error, a stuck lane) is recorded in the JSON and the run goes
+on; the exit status is then 1, as it is when the server does not exit 0 on SIGTERM. docs/benchmarks.md has
+the recorded results.
 The script starts its own server on a temp socket over a temp example repository, unless `--socket` names a
 running one (then `--model-repository` can name its repository for the floor; by default the floor uses a
 fresh copy of the example models, which are built deterministically).
@@ -704,6 +708,7 @@ def machine_info() -> dict[str, Any]:
         "numpy": np.__version__,
         "onnxruntime": ort.__version__,
         "kernelport": kernelport.__version__,
+        "kernelport_path": os.path.dirname(os.path.abspath(kernelport.__file__)),
         "git_commit": commit,
         "git_changed_files": changed,
     }

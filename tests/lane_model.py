@@ -10,12 +10,12 @@ What it keeps, per the header:
   (LIVE, RETIRED, DEAD) and the counters;
 - `nslots` slots; slot `q % nslots` serves sequence number q, and its generation is q. A slot has a
   row count, a closed bit, a state (OPEN, TAKEN, DONE), `committed` (rows committed or abandoned),
-  `released` (rows released or abandoned, plus DONE_UNIT once the worker completed it), `nrows`
+  `released` (rows released or abandoned, plus DONE_UNIT - nrows once the worker completed it), `nrows`
   (set when taken), the batch status and error message;
 - one row word per row: (owner, state) on the first row of each request (EMPTY, CLAIMED,
   COMMITTED, ABANDONED, RELEASED), and the request's row count (`lens`); other rows stay (0, EMPTY);
 - a slot is reset for q + nslots (generation + nslots, everything else cleared) at the moment
-  `released` reaches DONE_UNIT + nrows: every row released or abandoned and the worker done;
+  `released` reaches DONE_UNIT: every row released or abandoned and the worker done;
 - claims: the request goes to the open slot if it fits; a request that does not fit seals the slot
   (the worker may take it now) and moves to the next; a claim that fills the slot closes it; when
   the open slot still serves an older generation every slot is busy (back-pressure);
@@ -141,7 +141,7 @@ class LaneModel:
 
     def _add_released(self, s: SlotModel, n: int) -> None:
         s.released += n
-        if s.released == DONE_UNIT + s.nrows:
+        if s.released == DONE_UNIT:
             self._reset(s)
 
     def _reset(self, s: SlotModel) -> None:
@@ -330,7 +330,7 @@ class LaneModel:
             raw = message.encode("utf-8", "replace")[: ERRMSG_BYTES - 1]
             s.errmsg = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
         s.state = SLOT_DONE
-        self._add_released(s, DONE_UNIT)
+        self._add_released(s, DONE_UNIT - s.nrows)
 
 
 class DoorbellModel:

@@ -33,7 +33,7 @@
 #define KP_COUNT_MASK 0x1ffffull /* rows claimed: bits 0..16 */
 #define KP_NREQ_SHIFT 17         /* requests claimed: bits 17..30 */
 #define KP_NREQ_MAX 0x3fffu
-#define KP_DONE_UNIT 0x80000000u /* the worker's share of `released` */
+#define KP_DONE_UNIT 0x80000000u /* `released` when the slot is complete (see kp_add_released) */
 #define KP_MAX_PREFERRED 8
 
 /* return codes (negative: failures a caller maps to errors) */
@@ -90,6 +90,7 @@ typedef struct {
     _Alignas(64) kp_a32 free_seq;        /* futex: bumped whenever a slot is reset */
     kp_a32 free_waiters;
     kp_a32 status;
+    kp_a64 avg_run_ns; /* moving average of the backend's run time per batch (waiters size their spin by it) */
     _Alignas(64) kp_counters counters;
 } kp_lane_hdr;
 
@@ -97,7 +98,7 @@ typedef struct {
     kp_a64 word; /* gen:32 | closed:1 | count:31 */
     kp_a64 first_claim_ns;
     kp_a32 committed; /* rows committed or abandoned */
-    kp_a32 released;  /* rows released or abandoned, + KP_DONE_UNIT when the worker is done */
+    kp_a32 released;  /* rows released or abandoned, + (KP_DONE_UNIT - nrows) when the worker is done */
     kp_a32 state;     /* futex: OPEN, TAKEN, DONE */
     kp_a32 waiters;
     uint32_t nrows; /* rows in the batch, set when taken */
@@ -300,10 +301,12 @@ static inline void kp_slot_reset(kp_lane_hdr *h, kp_slot_hdr *s) {
     if (atomic_load_explicit(&h->free_waiters, KP_SEQ_CST) != 0) kp_futex_wake_all(&h->free_seq);
 }
 
-/* Count `n` units as released; whoever completes the slot (all rows and the worker) resets it. */
+/* Count `n` units as released; whoever completes the slot resets it. Every row adds its count once and
+ * the worker, when done, adds KP_DONE_UNIT - nrows, so the sum reaches KP_DONE_UNIT exactly when all
+ * have: a constant target, never a re-read of `nrows` (which a reset by another thread may clear). */
 static inline void kp_add_released(kp_lane_hdr *h, kp_slot_hdr *s, uint32_t n) {
     uint32_t now = atomic_fetch_add_explicit(&s->released, n, KP_ACQ_REL) + n;
-    if (now == KP_DONE_UNIT + s->nrows) kp_slot_reset(h, s);
+    if (now == KP_DONE_UNIT) kp_slot_reset(h, s);
 }
 
 /* A request of slot `seq` left before its batch was taken (cancelled, or its client is gone): give its
@@ -448,9 +451,17 @@ static inline int kp_commit(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint32
 /* Wait until the slot holding `seq` is done. Returns the batch status (0 ok, >0 backend failure) or
  * a negative KP_E_* code. */
 static inline int kp_wait_done(kp_lane_hdr *h, uint64_t seq, uint32_t row, uint64_t deadline_ns,
-                               const kp_spin *spin) {
+                               const kp_spin *spin_in) {
     if (row >= h->max_batch) return KP_E_INVALID;
     kp_slot_hdr *s = kp_slot(h, seq);
+    /* When batches take much longer than the spin budget, spinning only burns the CPU the worker
+     * needs (2 cores shared by many clients): sleep at once, the wake-up is small beside the run. */
+    kp_spin spin_local = *spin_in;
+    if (atomic_load_explicit(&h->avg_run_ns, KP_RELAXED) > 4 * spin_local.yield_ns) {
+        spin_local.pause_iters = 0;
+        spin_local.yield_ns = 0;
+    }
+    const kp_spin *spin = &spin_local;
     for (;;) {
         if (kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)) != (uint32_t)seq) return KP_E_ABANDONED;
         uint32_t st = atomic_load_explicit(&s->state, KP_ACQUIRE);
@@ -829,10 +840,14 @@ static inline void kp_complete(kp_lane_hdr *h, uint64_t seq, int32_t status, con
         s->errmsg[n] = 0;
     }
     if (st) kp_stats_record(st, h, s, status, infer_ns, kp_now_ns());
+    if (infer_ns) {
+        uint64_t avg = atomic_load_explicit(&h->avg_run_ns, KP_RELAXED);
+        atomic_store_explicit(&h->avg_run_ns, avg ? avg - avg / 8 + infer_ns / 8 : infer_ns, KP_RELAXED);
+    }
     /* release: output rows and status happen-before a client's acquire of DONE */
     atomic_store_explicit(&s->state, KP_SLOT_DONE, KP_SEQ_CST);
     if (atomic_load_explicit(&s->waiters, KP_SEQ_CST) != 0) kp_futex_wake_all(&s->state);
-    kp_add_released(h, s, KP_DONE_UNIT);
+    kp_add_released(h, s, KP_DONE_UNIT - s->nrows); /* nrows: written by this worker at take */
 }
 
 /* Server side: the lane's worker is gone (or the lane closes): fail every waiter at once. */

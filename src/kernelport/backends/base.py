@@ -7,11 +7,15 @@ and caches the runner it returns, so `bind` may be slow (validation, warm-up) an
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from kernelport.errors import ConfigError
+from kernelport.repository.dtypes import datatype_to_numpy, numpy_to_datatype
 
 try:
     from kernelport.repository.config import TensorSig  # type: ignore[import-not-found, unused-ignore]
@@ -27,13 +31,24 @@ except ImportError:
 
 
 __all__ = [
+    "DATATYPE_OF_DTYPE_NAME",
     "Backend",
     "ModelSpecLike",
     "NamedTensor",
     "TensorSig",
+    "bind_shapes_key",
+    "bool_parameter",
+    "check_batch_dims",
+    "check_bind_arrays",
+    "check_config_names",
+    "check_output_shape",
     "datatype_of",
     "format_shape",
+    "instance_gpu",
+    "int_parameter",
     "numpy_dtype",
+    "unservable_type",
+    "warn_cpu_only",
 ]
 
 
@@ -61,31 +76,36 @@ class ModelSpecLike(Protocol):
     def outputs(self) -> Sequence[NamedTensor]: ...
 
 
-# KServe v2 datatype names <-> numpy. BF16 has no numpy dtype (ml_dtypes provides one where a backend needs it).
-_NUMPY_OF_DATATYPE: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BYTES": np.dtype(object),
+# Framework dtype names -> KServe datatypes: TensorFlow's `DType.name` and torch's dtypes less "torch." are
+# numpy's names ("float32"), plus bfloat16 and TensorFlow's string.
+DATATYPE_OF_DTYPE_NAME: dict[str, str] = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "bfloat16": "BF16",
+    "float32": "FP32",
+    "float64": "FP64",
+    "string": "BYTES",
 }
-_DATATYPE_OF_NUMPY: dict[np.dtype, str] = {dt: name for name, dt in _NUMPY_OF_DATATYPE.items()}
 
 
 def numpy_dtype(datatype: str) -> np.dtype:
     """The numpy dtype of a KServe datatype name; ValueError for one numpy cannot hold (BF16)."""
+    # BF16 is refused even where ml_dtypes gives it a numpy dtype: backends bind no bfloat16 arrays.
     try:
-        return _NUMPY_OF_DATATYPE[datatype]
-    except KeyError:
-        raise ValueError(f"datatype {datatype} has no numpy equivalent") from None
+        dtype = None if datatype == "BF16" else datatype_to_numpy(datatype)
+    except ValueError:
+        dtype = None
+    if dtype is None:
+        raise ValueError(f"datatype {datatype} has no numpy equivalent")
+    return dtype
 
 
 def datatype_of(dtype: np.dtype) -> str:
@@ -93,12 +113,198 @@ def datatype_of(dtype: np.dtype) -> str:
     dt = np.dtype(dtype)
     if dt.kind in "SUO":
         return "BYTES"
-    return _DATATYPE_OF_NUMPY.get(dt, str(dt))
+    try:
+        datatype = numpy_to_datatype(dt)
+    except ValueError:
+        return str(dt)
+    # the mirror of numpy_dtype: an ml_dtypes bfloat16 array is named by its numpy name
+    return str(dt) if datatype == "BF16" else datatype
 
 
 def format_shape(shape: Sequence[int]) -> str:
     """`[-1,16]`: the form user-facing messages use for shapes."""
     return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def unservable_type(model: str, tensor: str, type_name: str) -> ConfigError:
+    """The error for a model tensor whose framework type has no KServe datatype."""
+    return ConfigError(f"model '{model}' tensor '{tensor}' has type {type_name}, which KernelPort cannot serve")
+
+
+# -- model parameters ---------------------------------------------------------------------------------------
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def int_parameter(model: str, key: str, value: str, minimum: int = 0) -> int:
+    """A parameter's integer value; ConfigError naming the model and the key below `minimum` or not a number."""
+    try:
+        number = int(value.strip())
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise ConfigError(f"model '{model}' parameter '{key}': expected an integer >= {minimum}, got '{value}'")
+    return number
+
+
+def bool_parameter(model: str, key: str, value: str) -> bool:
+    """A parameter's true/false value (1/0, yes/no, on/off too); ConfigError naming the model and the key."""
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigError(f"model '{model}' parameter '{key}': expected true or false, got '{value}'")
+
+
+def instance_gpu(spec: object) -> int:
+    """The first GPU the config's `instance_group` lists, 0 when none does."""
+    for group in getattr(spec, "instance_groups", ()) or ():
+        gpus = tuple(getattr(group, "gpus", ()) or ())
+        if gpus:
+            return int(gpus[0])
+    return 0
+
+
+def warn_cpu_only(log: logging.Logger, spec: ModelSpecLike, backend: str) -> None:
+    """One warning line at load when the config asks for a GPU from a backend that runs on the cpu only."""
+    if getattr(spec, "instance_kind", "KIND_AUTO") == "KIND_GPU":
+        log.warning(
+            "model '%s': instance_group KIND_GPU asked, but the %s backend runs on cpu only", spec.name, backend
+        )
+
+
+# -- the config against the model ----------------------------------------------------------------------------
+
+
+def check_config_names(spec: ModelSpecLike, kind: str, have: Sequence[str], source: str) -> None:
+    """ConfigError for the first config input (`kind` "input") or output that `source` ("the engine") does
+    not have, listing the names it does have in the order given. Tensors the config leaves out are fine:
+    the server completes the config from io_signature()."""
+    tensors = spec.inputs if kind == "input" else spec.outputs
+    for t in tensors:
+        if t.name not in have:
+            raise ConfigError(
+                f"model '{spec.name}' {kind} '{t.name}': not an {kind} of {source} (it has {', '.join(have)})"
+            )
+
+
+def check_batch_dims(
+    spec: ModelSpecLike,
+    inputs: Sequence[TensorSig],
+    outputs: Sequence[TensorSig],
+    source: str,
+    hint: str = "",
+) -> None:
+    """With `max_batch_size > 0`, ConfigError for the first tensor whose first dim `source` does not leave
+    variable (-1); `hint`, when given, ends the message (how to fix the model)."""
+    if spec.max_batch_size <= 0:
+        return
+    for kind, sigs in (("input", inputs), ("output", outputs)):
+        for sig in sigs:
+            if not sig.shape or sig.shape[0] != -1:
+                raise ConfigError(
+                    f"model '{spec.name}' {kind} '{sig.name}': max_batch_size {spec.max_batch_size} needs a "
+                    f"variable first dimension, {source} has {format_shape(sig.shape)}{hint}"
+                )
+
+
+# -- the arrays bind gets -----------------------------------------------------------------------------------
+
+
+def check_bind_arrays(
+    model: str,
+    max_batch_size: int,
+    sig_inputs: Sequence[TensorSig],
+    sig_outputs: Sequence[TensorSig],
+    inputs: Mapping[str, np.ndarray],
+    outputs: Mapping[str, np.ndarray],
+    *,
+    unbindable: Collection[str] = ("BYTES", "BF16"),
+    unbindable_reason: str = "cannot be bound in place",
+    reject_empty: bool = False,
+    require_aligned: bool = True,
+    check_overlap: bool = True,
+) -> int | None:
+    """Names, dtypes, ranks, static dims, batch size and layout of the arrays `bind` gets; return the batch
+    size (None: no batch dim). ValueError (TypeError for a non-array) naming the model and the tensor.
+
+    The keywords are where backends differ: datatypes they cannot bind (and why), whether an empty array,
+    an unaligned one or outputs whose memory overlaps another array are refused.
+    """
+    by_input = {sig.name: sig for sig in sig_inputs}
+    by_output = {sig.name: sig for sig in sig_outputs}
+    missing = sorted(set(by_input) - set(inputs))
+    if missing:
+        raise ValueError(f"model '{model}': missing input(s) {', '.join(missing)}")
+    if not outputs:
+        raise ValueError(f"model '{model}': no output arrays to bind")
+    layout = "C-contiguous and aligned" if require_aligned else "C-contiguous"
+    batch: int | None = None
+    checked: list[tuple[str, np.ndarray]] = []
+    for kind, arrays, sigs in (("input", inputs, by_input), ("output", outputs, by_output)):
+        for name, arr in arrays.items():
+            sig = sigs.get(name)
+            if sig is None:
+                raise ValueError(f"model '{model}': unknown {kind} '{name}' (it has {', '.join(sigs)})")
+            if not isinstance(arr, np.ndarray):
+                raise TypeError(f"model '{model}' {kind} '{name}': expected a numpy array, got {type(arr)}")
+            what = f"model '{model}' {kind} '{name}'"
+            got = f"{datatype_of(arr.dtype)} {format_shape(arr.shape)}"
+            expected = f"{sig.datatype} {format_shape(sig.shape)}"
+            if sig.datatype in unbindable:
+                raise ValueError(f"{what}: {sig.datatype} tensors {unbindable_reason}")
+            if arr.dtype != numpy_dtype(sig.datatype):
+                raise ValueError(f"{what}: expected {expected}, got {got}")
+            if arr.ndim != len(sig.shape) or any(
+                want >= 0 and have != want for have, want in zip(arr.shape, sig.shape)
+            ):
+                raise ValueError(f"{what}: expected {expected}, got {got}")
+            if max_batch_size > 0:
+                n = arr.shape[0]
+                if not 1 <= n <= max_batch_size:
+                    raise ValueError(f"{what}: batch size {n} is outside 1..{max_batch_size} (got {got})")
+                if batch is None:
+                    batch = n
+                elif n != batch:
+                    raise ValueError(f"{what}: batch size {n} differs from the other arrays' {batch}")
+            if reject_empty and arr.size == 0:
+                raise ValueError(f"{what}: empty array {got}")
+            if not arr.flags.c_contiguous or (require_aligned and not arr.flags.aligned):
+                raise ValueError(f"{what}: the array must be {layout}")
+            if kind == "output" and not arr.flags.writeable:
+                raise ValueError(f"{what}: the output array is read-only")
+            checked.append((f"{kind} '{name}'", arr))
+
+    if check_overlap:
+        # An output that overlaps an input or another output would be read while being written.
+        for i, (label, arr) in enumerate(checked):
+            if not label.startswith("output"):
+                continue
+            for other_label, other in checked[:i] + checked[i + 1 :]:
+                if np.may_share_memory(arr, other):
+                    raise ValueError(f"model '{model}' {label}: its memory overlaps {other_label}")
+    return batch
+
+
+def check_output_shape(model: str, name: str, arr: np.ndarray, want: tuple[int, ...]) -> None:
+    """ValueError when an output array is not the shape the model produces for the bound inputs."""
+    if tuple(arr.shape) != want:
+        raise ValueError(
+            f"model '{model}' output '{name}': expected {datatype_of(arr.dtype)} {format_shape(want)} "
+            f"for these inputs, got {format_shape(arr.shape)}"
+        )
+
+
+def bind_shapes_key(
+    inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
+) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], tuple[tuple[str, tuple[int, ...]], ...]]:
+    """(input shapes, output shapes) by name, sorted: the key of what a probe run at bind learnt."""
+    return (
+        tuple(sorted((name, arr.shape) for name, arr in inputs.items())),
+        tuple(sorted((name, arr.shape) for name, arr in outputs.items())),
+    )
 
 
 class Backend(abc.ABC):
@@ -144,10 +350,12 @@ class Backend(abc.ABC):
         """Run the model once with outputs the framework allocates: the probe `output_shapes` uses, never
         the hot path. Returns every model output by name."""
 
+    _max_batch_size: int = 0  # load() sets it from the spec
+
     @property
-    @abc.abstractmethod
     def max_batch_size(self) -> int:
         """The `max_batch_size` of the loaded model's spec (0: no batch dim)."""
+        return self._max_batch_size
 
     def output_shapes(self, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """The output shapes one run produces for inputs of these full shapes (batch dim included when the

@@ -61,33 +61,21 @@ from kernelport.backends.base import (
     Backend,
     ModelSpecLike,
     TensorSig,
-    datatype_of,
-    format_shape,
+    bool_parameter,
+    check_batch_dims,
+    check_bind_arrays,
+    check_config_names,
+    check_output_shape,
+    instance_gpu,
+    int_parameter,
     numpy_dtype,
 )
 from kernelport.errors import ConfigError
+from kernelport.repository.dtypes import ort_type_to_datatype
 
 __all__ = ["OnnxRuntimeBackend", "execution_providers", "session_options_from_parameters"]
 
 log = logging.getLogger(__name__)
-
-# ONNX Runtime's type strings (NodeArg.type) -> KServe datatype names.
-_DATATYPE_OF_ORT: dict[str, str] = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(bfloat16)": "BF16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
 
 _GRAPH_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
     # Triton's optimization.graph.level numbers (onnxruntime_backend: -1 basic, 1 extended, 2 disable,
@@ -101,31 +89,7 @@ _GRAPH_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 }
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
 _MODEL_FILENAME = "model.onnx"
-
-
-def _int_parameter(model: str, key: str, value: str, minimum: int) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        number = minimum - 1
-    if number < minimum:
-        raise ConfigError(
-            f"model '{model}' parameter '{key}': expected an integer >= {minimum}, got '{value}'"
-        )
-    return number
-
-
-def _bool_parameter(model: str, key: str, value: str) -> bool:
-    word = value.strip().lower()
-    if word in _TRUE:
-        return True
-    if word in _FALSE:
-        return False
-    raise ConfigError(f"model '{model}' parameter '{key}': expected true or false, got '{value}'")
 
 
 def session_options_from_parameters(parameters: Mapping[str, str], model: str = "") -> ort.SessionOptions:
@@ -142,9 +106,9 @@ def session_options_from_parameters(parameters: Mapping[str, str], model: str = 
     for key, raw in parameters.items():
         value = str(raw)
         if key == "intra_op_thread_count":
-            options.intra_op_num_threads = _int_parameter(model, key, value, 0)
+            options.intra_op_num_threads = int_parameter(model, key, value, 0)
         elif key == "inter_op_thread_count":
-            options.inter_op_num_threads = _int_parameter(model, key, value, 0)
+            options.inter_op_num_threads = int_parameter(model, key, value, 0)
         elif key == "execution_mode":
             mode = value.strip()
             if mode == "0":
@@ -164,9 +128,9 @@ def session_options_from_parameters(parameters: Mapping[str, str], model: str = 
                 )
             options.graph_optimization_level = level
         elif key == "enable_mem_arena":
-            options.enable_cpu_mem_arena = _bool_parameter(model, key, value)
+            options.enable_cpu_mem_arena = bool_parameter(model, key, value)
         elif key == "enable_mem_pattern":
-            options.enable_mem_pattern = _bool_parameter(model, key, value)
+            options.enable_mem_pattern = bool_parameter(model, key, value)
         elif key.startswith("session."):
             options.add_session_config_entry(key, value)
     return options
@@ -188,14 +152,6 @@ _TENSORRT_OPTIONS: dict[str, str] = {
 ProviderRequest = tuple[str, dict[str, str]]
 
 
-def _gpu_of(spec: Any) -> int:
-    for group in getattr(spec, "instance_groups", ()) or ():
-        gpus = tuple(getattr(group, "gpus", ()) or ())
-        if gpus:
-            return int(gpus[0])
-    return 0
-
-
 def _accelerators(spec: Any) -> tuple[list[tuple[str, dict[str, str]]], list[tuple[str, dict[str, str]]]]:
     """The config's (gpu, cpu) execution accelerators as (name, parameters), from spec.proto."""
     proto = getattr(spec, "proto", None)
@@ -205,6 +161,17 @@ def _accelerators(spec: Any) -> tuple[list[tuple[str, dict[str, str]]], list[tup
     gpu = [(a.name, dict(a.parameters)) for a in accelerators.gpu_execution_accelerator]
     cpu = [(a.name, dict(a.parameters)) for a in accelerators.cpu_execution_accelerator]
     return gpu, cpu
+
+
+def _provider_of(model: str, device: str, name: str, accelerators: Mapping[str, str]) -> str:
+    """The execution provider of a config's `device` ("gpu", "cpu") accelerator; ConfigError when unknown."""
+    provider = accelerators.get(name.strip().lower())
+    if provider is None:
+        raise ConfigError(
+            f"model '{model}': {device}_execution_accelerator '{name}' is not known "
+            f"(expected one of {', '.join(accelerators)})"
+        )
+    return provider
 
 
 def _tensorrt_options(model: str, parameters: Mapping[str, str], device_id: int) -> dict[str, str]:
@@ -242,7 +209,7 @@ def execution_providers(spec: Any, available: Sequence[str]) -> tuple[list[Provi
     """
     model = str(getattr(spec, "name", ""))
     kind = str(getattr(spec, "instance_kind", "KIND_AUTO") or "KIND_AUTO")
-    device_id = _gpu_of(spec)
+    device_id = instance_gpu(spec)
     gpu_accelerators, cpu_accelerators = _accelerators(spec)
     requested: list[ProviderRequest] = []
 
@@ -251,12 +218,7 @@ def execution_providers(spec: Any, available: Sequence[str]) -> tuple[list[Provi
     )
     if use_gpu:
         for name, parameters in gpu_accelerators:
-            provider = _GPU_ACCELERATORS.get(name.strip().lower())
-            if provider is None:
-                raise ConfigError(
-                    f"model '{model}': gpu_execution_accelerator '{name}' is not known "
-                    f"(expected one of {', '.join(_GPU_ACCELERATORS)})"
-                )
+            provider = _provider_of(model, "gpu", name, _GPU_ACCELERATORS)
             if provider == "TensorrtExecutionProvider":
                 options = _tensorrt_options(model, parameters, device_id)
             else:
@@ -267,12 +229,7 @@ def execution_providers(spec: Any, available: Sequence[str]) -> tuple[list[Provi
     elif gpu_accelerators:
         log.debug("model '%s': gpu_execution_accelerator ignored for instance kind %s", model, kind)
     for name, parameters in cpu_accelerators:
-        provider = _CPU_ACCELERATORS.get(name.strip().lower())
-        if provider is None:
-            raise ConfigError(
-                f"model '{model}': cpu_execution_accelerator '{name}' is not known "
-                f"(expected one of {', '.join(_CPU_ACCELERATORS)})"
-            )
+        provider = _provider_of(model, "cpu", name, _CPU_ACCELERATORS)
         requested.append((provider, dict(parameters)))
 
     missing = [provider for provider, _ in requested if provider not in available]
@@ -282,9 +239,10 @@ def execution_providers(spec: Any, available: Sequence[str]) -> tuple[list[Provi
 
 
 def _signature_of(node: Any) -> TensorSig:
-    datatype = _DATATYPE_OF_ORT.get(node.type)
-    if datatype is None:
-        raise ConfigError(f"tensor '{node.name}' has type {node.type}, which KernelPort cannot serve")
+    try:
+        datatype = ort_type_to_datatype(node.type)
+    except ValueError:
+        raise ConfigError(f"tensor '{node.name}' has type {node.type}, which KernelPort cannot serve") from None
     # ORT reports a symbolic dim as its name (str) and an unknown one as None: both are variable.
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
     return TensorSig(name=node.name, datatype=datatype, shape=shape)
@@ -350,7 +308,7 @@ class OnnxRuntimeBackend(Backend):
         self._inputs, self._outputs = inputs, outputs
         self._plans.clear()
         self._providers = list(session.get_providers())
-        self._gpu = _gpu_of(spec)
+        self._gpu = instance_gpu(spec)
         log.debug(
             "model '%s' loaded by onnxruntime %s on %s (%s)",
             spec.name,
@@ -365,7 +323,9 @@ class OnnxRuntimeBackend(Backend):
 
     def bind(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> Callable[[], None]:
         session = self._require_session()
-        self._check_arrays(inputs, outputs)
+        check_bind_arrays(
+            self._model, self._max_batch_size, self._inputs, self._outputs, inputs, outputs, reject_empty=True
+        )
 
         input_shapes = {name: tuple(arr.shape) for name, arr in inputs.items()}
         key = (tuple(sorted(input_shapes.items())), tuple(sorted(outputs)))
@@ -447,10 +407,6 @@ class OnnxRuntimeBackend(Backend):
         self._require_session()
         return list(self._providers)
 
-    @property
-    def max_batch_size(self) -> int:
-        return self._max_batch_size
-
     def _run_unbound(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._require_session()
         names = [sig.name for sig in self._outputs]
@@ -477,103 +433,16 @@ class OnnxRuntimeBackend(Backend):
 
     @staticmethod
     def _check_spec(spec: ModelSpecLike, inputs: list[TensorSig], outputs: list[TensorSig]) -> None:
-        model_inputs = {sig.name for sig in inputs}
-        model_outputs = {sig.name for sig in outputs}
-        # inputs the config leaves out are fine: the server completes the config from io_signature()
-        for t in spec.inputs:
-            if t.name not in model_inputs:
-                raise ConfigError(
-                    f"model '{spec.name}' input '{t.name}': not an input of the ONNX model "
-                    f"(it has {', '.join(sorted(model_inputs))})"
-                )
-        for t in spec.outputs:
-            if t.name not in model_outputs:
-                raise ConfigError(
-                    f"model '{spec.name}' output '{t.name}': not an output of the ONNX model "
-                    f"(it has {', '.join(sorted(model_outputs))})"
-                )
-        if spec.max_batch_size > 0:
-            # Outputs with no shape at all are left to bind (output_shapes runs the model for them).
-            checked = [("input", s) for s in inputs] + [("output", s) for s in outputs if s.shape]
-            for kind, sig in checked:
-                if not sig.shape or sig.shape[0] != -1:
-                    raise ConfigError(
-                        f"model '{spec.name}' {kind} '{sig.name}': max_batch_size {spec.max_batch_size} "
-                        f"needs a variable first dimension, the ONNX model has {format_shape(sig.shape)}"
-                    )
-
-    def _check_arrays(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> int | None:
-        """Validate names, dtypes, ranks, static dims, batch size, layout; return the batch size (None: no
-        batch dim)."""
-        model = self._model
-        sig_inputs = {sig.name: sig for sig in self._inputs}
-        sig_outputs = {sig.name: sig for sig in self._outputs}
-        missing = sorted(set(sig_inputs) - set(inputs))
-        if missing:
-            raise ValueError(f"model '{model}': missing input(s) {', '.join(missing)}")
-        if not outputs:
-            raise ValueError(f"model '{model}': no output arrays to bind")
-
-        batching = self._max_batch_size > 0
-        batch: int | None = None
-        checked: list[tuple[str, np.ndarray]] = []
-        for kind, arrays, sigs in (("input", inputs, sig_inputs), ("output", outputs, sig_outputs)):
-            for name, arr in arrays.items():
-                sig = sigs.get(name)
-                if sig is None:
-                    raise ValueError(f"model '{model}': unknown {kind} '{name}' (it has {', '.join(sigs)})")
-                if not isinstance(arr, np.ndarray):
-                    raise TypeError(
-                        f"model '{model}' {kind} '{name}': expected a numpy array, got {type(arr)}"
-                    )
-                what = f"model '{model}' {kind} '{name}'"
-                got = f"{datatype_of(arr.dtype)} {format_shape(arr.shape)}"
-                expected = f"{sig.datatype} {format_shape(sig.shape)}"
-                if sig.datatype in ("BYTES", "BF16"):
-                    raise ValueError(f"{what}: {sig.datatype} tensors cannot be bound in place")
-                if arr.dtype != numpy_dtype(sig.datatype):
-                    raise ValueError(f"{what}: expected {expected}, got {got}")
-                if arr.ndim != len(sig.shape) or any(
-                    want >= 0 and have != want for have, want in zip(arr.shape, sig.shape)
-                ):
-                    raise ValueError(f"{what}: expected {expected}, got {got}")
-                if batching:
-                    n = arr.shape[0]
-                    if not 1 <= n <= self._max_batch_size:
-                        raise ValueError(
-                            f"{what}: batch size {n} is outside 1..{self._max_batch_size} (got {got})"
-                        )
-                    if batch is None:
-                        batch = n
-                    elif n != batch:
-                        raise ValueError(f"{what}: batch size {n} differs from the other arrays' {batch}")
-                if arr.size == 0:
-                    raise ValueError(f"{what}: empty array {got}")
-                if not arr.flags.c_contiguous or not arr.flags.aligned:
-                    raise ValueError(f"{what}: the array must be C-contiguous and aligned")
-                if kind == "output" and not arr.flags.writeable:
-                    raise ValueError(f"{what}: the output array is read-only")
-                checked.append((f"{kind} '{name}'", arr))
-
-        # An output that overlaps an input or another output would be read while being written.
-        for i, (label, arr) in enumerate(checked):
-            if not label.startswith("output"):
-                continue
-            for other_label, other in checked[:i] + checked[i + 1 :]:
-                if np.may_share_memory(arr, other):
-                    raise ValueError(f"model '{model}' {label}: its memory overlaps {other_label}")
-        return batch
+        check_config_names(spec, "input", sorted(sig.name for sig in inputs), "the ONNX model")
+        check_config_names(spec, "output", sorted(sig.name for sig in outputs), "the ONNX model")
+        # Outputs with no shape at all are left to bind (output_shapes runs the model for them).
+        check_batch_dims(spec, inputs, [sig for sig in outputs if sig.shape], "the ONNX model")
 
     def _check_output_shapes(
         self, outputs: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]
     ) -> None:
         for name, arr in outputs.items():
-            want = expected[name]
-            if tuple(arr.shape) != want:
-                raise ValueError(
-                    f"model '{self._model}' output '{name}': expected {datatype_of(arr.dtype)} "
-                    f"{format_shape(want)} for these inputs, got {format_shape(arr.shape)}"
-                )
+            check_output_shape(self._model, name, arr, expected[name])
 
     def _probe_in_place(
         self, input_shapes: dict[str, tuple[int, ...]], outputs: dict[str, np.ndarray]

@@ -44,12 +44,19 @@ import numpy as np  # noqa: E402 -- after the environment TensorFlow reads at im
 import tensorflow as tf  # noqa: E402
 
 from kernelport.backends.base import (  # noqa: E402
+    DATATYPE_OF_DTYPE_NAME,
     Backend,
     ModelSpecLike,
     TensorSig,
-    datatype_of,
+    bind_shapes_key,
+    check_batch_dims,
+    check_bind_arrays,
+    check_config_names,
+    check_output_shape,
     format_shape,
-    numpy_dtype,
+    int_parameter,
+    unservable_type,
+    warn_cpu_only,
 )
 from kernelport.errors import ConfigError  # noqa: E402
 
@@ -57,22 +64,6 @@ __all__ = ["TensorFlowBackend"]
 
 log = logging.getLogger(__name__)
 
-_DATATYPE_OF_TF: dict[str, str] = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "bfloat16": "BF16",
-    "float32": "FP32",
-    "float64": "FP64",
-    "string": "BYTES",
-}
 _DEFAULT_SIGNATURE = "serving_default"
 _MODEL_DIRNAME = "model.savedmodel"
 # TensorFlow's CPU allocator alignment (EIGEN_MAX_ALIGN_BYTES); a DLPack tensor must honour it.
@@ -81,20 +72,10 @@ _TF_ALIGNMENT = 64
 _threads_set = False
 
 
-def _int_parameter(model: str, key: str, value: str) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise ConfigError(f"model '{model}' parameter '{key}': expected an integer >= 0, got '{value}'")
-    return number
-
-
 def _configure_threads(parameters: Mapping[str, str], model: str) -> None:
     global _threads_set
-    intra = _int_parameter(model, "intra_op_thread_count", str(parameters.get("intra_op_thread_count", "1")))
-    inter = _int_parameter(model, "inter_op_thread_count", str(parameters.get("inter_op_thread_count", "1")))
+    intra = int_parameter(model, "intra_op_thread_count", str(parameters.get("intra_op_thread_count", "1")))
+    inter = int_parameter(model, "inter_op_thread_count", str(parameters.get("inter_op_thread_count", "1")))
     if _threads_set:
         return
     _threads_set = True
@@ -134,9 +115,9 @@ def _savedmodel_dir(model_path: str, spec: ModelSpecLike) -> str:
 def _signature_of(model: str, name: str, spec: Any) -> TensorSig:
     if not isinstance(spec, tf.TensorSpec):
         raise ConfigError(f"model '{model}' tensor '{name}': not a dense tensor ({type(spec).__name__})")
-    datatype = _DATATYPE_OF_TF.get(spec.dtype.name)
+    datatype = DATATYPE_OF_DTYPE_NAME.get(spec.dtype.name)  # TensorFlow's dtype names are numpy's
     if datatype is None:
-        raise ConfigError(f"model '{model}' tensor '{name}' has type {spec.dtype.name}, which KernelPort cannot serve")
+        raise unservable_type(model, name, spec.dtype.name)
     if spec.shape.rank is None:
         raise ConfigError(f"model '{model}' tensor '{name}': the signature gives no rank")
     shape = tuple(-1 if d is None else int(d) for d in spec.shape.as_list())
@@ -168,9 +149,7 @@ class TensorFlowBackend(Backend):
     def load(self, model_path: str, spec: ModelSpecLike) -> None:
         path = _savedmodel_dir(model_path, spec)
         _configure_threads(spec.parameters, spec.name)
-        if getattr(spec, "instance_kind", "KIND_AUTO") == "KIND_GPU":
-            log.warning("model '%s': instance_group KIND_GPU asked, but the tensorflow backend runs on cpu only",
-                        spec.name)
+        warn_cpu_only(log, spec, "tensorflow")
         name = str(spec.parameters.get("TF_SIGNATURE_DEF", "") or _DEFAULT_SIGNATURE)
         try:
             loaded = tf.saved_model.load(path)
@@ -209,7 +188,7 @@ class TensorFlowBackend(Backend):
 
     def bind(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> Callable[[], None]:
         signature = self._require_signature()
-        _check_arrays(self._model, self._max_batch_size, self._inputs, self._outputs, inputs, outputs)
+        check_bind_arrays(self._model, self._max_batch_size, self._inputs, self._outputs, inputs, outputs)
 
         fixed: dict[str, Any] = {}  # fed as is on every run: TF tensors over the input rows
         copied: list[tuple[str, np.ndarray]] = []  # converted (copied) on every run
@@ -219,10 +198,7 @@ class TensorFlowBackend(Backend):
             else:
                 copied.append((name, arr))
         targets = list(outputs.items())
-        key = (
-            tuple(sorted((name, arr.shape) for name, arr in inputs.items())),
-            tuple(sorted((name, arr.shape) for name, arr in outputs.items())),
-        )
+        key = bind_shapes_key(inputs, outputs)
         use_flat = self._use_flat.get(key)
         if use_flat is None:
             use_flat = self._call_path(signature, inputs, outputs) is self._flat_call
@@ -263,10 +239,6 @@ class TensorFlowBackend(Backend):
     def device(self) -> str:
         return "cpu"
 
-    @property
-    def max_batch_size(self) -> int:
-        return self._max_batch_size
-
     def _run_unbound(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         signature = self._require_signature()
         results = signature(**{name: tf.convert_to_tensor(arr) for name, arr in inputs.items()})
@@ -292,29 +264,10 @@ class TensorFlowBackend(Backend):
 
     @staticmethod
     def _check_spec(spec: ModelSpecLike, signature: str, inputs: list[TensorSig], outputs: list[TensorSig]) -> None:
-        model_inputs = [sig.name for sig in inputs]
-        model_outputs = [sig.name for sig in outputs]
-        for t in spec.inputs:
-            if t.name not in model_inputs:
-                raise ConfigError(
-                    f"model '{spec.name}' input '{t.name}': not an input of signature '{signature}' "
-                    f"(it has {', '.join(model_inputs)})"
-                )
-        # inputs the config leaves out are fine: the server completes the config from io_signature()
-        for t in spec.outputs:
-            if t.name not in model_outputs:
-                raise ConfigError(
-                    f"model '{spec.name}' output '{t.name}': not an output of signature '{signature}' "
-                    f"(it has {', '.join(model_outputs)})"
-                )
-        if spec.max_batch_size > 0:
-            for kind, sigs in (("input", inputs), ("output", outputs)):
-                for sig in sigs:
-                    if not sig.shape or sig.shape[0] != -1:
-                        raise ConfigError(
-                            f"model '{spec.name}' {kind} '{sig.name}': max_batch_size {spec.max_batch_size} needs "
-                            f"a variable first dimension, signature '{signature}' has {format_shape(sig.shape)}"
-                        )
+        source = f"signature '{signature}'"
+        check_config_names(spec, "input", [sig.name for sig in inputs], source)
+        check_config_names(spec, "output", [sig.name for sig in outputs], source)
+        check_batch_dims(spec, inputs, outputs, source)
 
     def _call_path(
         self, signature: Any, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
@@ -335,12 +288,7 @@ class TensorFlowBackend(Backend):
             log.debug("model '%s': probe run on zeros failed (%s); the runner checks every run", self._model, exc)
             return public
         for name, arr in outputs.items():
-            value = results[name]
-            if tuple(value.shape) != arr.shape:
-                raise ValueError(
-                    f"model '{self._model}' output '{name}': expected {datatype_of(arr.dtype)} "
-                    f"{format_shape(tuple(value.shape))} for these inputs, got {format_shape(arr.shape)}"
-                )
+            check_output_shape(self._model, name, arr, tuple(results[name].shape))
         flat = self._flat_call
         if flat is None:
             return public
@@ -395,58 +343,3 @@ def _flat_caller(
 
     return call
 
-
-def _check_arrays(
-    model: str,
-    max_batch_size: int,
-    sig_inputs: list[TensorSig],
-    sig_outputs: list[TensorSig],
-    inputs: dict[str, np.ndarray],
-    outputs: dict[str, np.ndarray],
-) -> None:
-    """Names, dtypes, ranks, static dims, batch size and layout of the arrays bind gets (ValueError)."""
-    by_input = {sig.name: sig for sig in sig_inputs}
-    by_output = {sig.name: sig for sig in sig_outputs}
-    missing = sorted(set(by_input) - set(inputs))
-    if missing:
-        raise ValueError(f"model '{model}': missing input(s) {', '.join(missing)}")
-    if not outputs:
-        raise ValueError(f"model '{model}': no output arrays to bind")
-    batch: int | None = None
-    checked: list[tuple[str, np.ndarray]] = []
-    for kind, arrays, sigs in (("input", inputs, by_input), ("output", outputs, by_output)):
-        for name, arr in arrays.items():
-            sig = sigs.get(name)
-            if sig is None:
-                raise ValueError(f"model '{model}': unknown {kind} '{name}' (it has {', '.join(sigs)})")
-            if not isinstance(arr, np.ndarray):
-                raise TypeError(f"model '{model}' {kind} '{name}': expected a numpy array, got {type(arr)}")
-            what = f"model '{model}' {kind} '{name}'"
-            got = f"{datatype_of(arr.dtype)} {format_shape(arr.shape)}"
-            expected = f"{sig.datatype} {format_shape(sig.shape)}"
-            if sig.datatype in ("BYTES", "BF16"):
-                raise ValueError(f"{what}: {sig.datatype} tensors cannot be bound in place")
-            if arr.dtype != numpy_dtype(sig.datatype):
-                raise ValueError(f"{what}: expected {expected}, got {got}")
-            if arr.ndim != len(sig.shape) or any(
-                want >= 0 and have != want for have, want in zip(arr.shape, sig.shape)
-            ):
-                raise ValueError(f"{what}: expected {expected}, got {got}")
-            if max_batch_size > 0:
-                n = arr.shape[0]
-                if not 1 <= n <= max_batch_size:
-                    raise ValueError(f"{what}: batch size {n} is outside 1..{max_batch_size} (got {got})")
-                if batch is None:
-                    batch = n
-                elif n != batch:
-                    raise ValueError(f"{what}: batch size {n} differs from the other arrays' {batch}")
-            if not arr.flags.c_contiguous or not arr.flags.aligned:
-                raise ValueError(f"{what}: the array must be C-contiguous and aligned")
-            if kind == "output" and not arr.flags.writeable:
-                raise ValueError(f"{what}: the output array is read-only")
-            checked.append((f"{kind} '{name}'", arr))
-    for i, (label, arr) in enumerate(checked):
-        if label.startswith("output"):
-            for other_label, other in checked[:i] + checked[i + 1 :]:
-                if np.may_share_memory(arr, other):
-                    raise ValueError(f"model '{model}' {label}: its memory overlaps {other_label}")

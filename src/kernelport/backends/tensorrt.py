@@ -27,7 +27,6 @@ tests/test_backend_tensorrt.py build a small engine and check it where TensorRT 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -39,9 +38,14 @@ from kernelport.backends.base import (
     Backend,
     ModelSpecLike,
     TensorSig,
-    datatype_of,
+    check_batch_dims,
+    check_bind_arrays,
+    check_config_names,
+    check_output_shape,
     format_shape,
+    instance_gpu,
     numpy_dtype,
+    unservable_type,
 )
 from kernelport.errors import BackendUnavailableError, ConfigError
 
@@ -144,14 +148,6 @@ def _open_device(device_id: int, model: str) -> Any:
     return _TorchDevice(device_id)
 
 
-def _device_id(spec: ModelSpecLike) -> int:
-    for group in getattr(spec, "instance_groups", ()) or ():
-        gpus = tuple(getattr(group, "gpus", ()) or ())
-        if gpus:
-            return int(gpus[0])
-    return 0
-
-
 class _Profile:
     """One optimization profile: per input, the (min, max) shapes it accepts."""
 
@@ -188,7 +184,7 @@ class TensorRTBackend(Backend):
     def load(self, model_path: str, spec: ModelSpecLike) -> None:
         path = os.path.join(model_path, _MODEL_FILENAME) if os.path.isdir(model_path) else model_path
         self._model = spec.name
-        self._device_index = _device_id(spec)
+        self._device_index = instance_gpu(spec)
         device = _open_device(self._device_index, spec.name)
         logger = trt.Logger(trt.Logger.WARNING)
         try:
@@ -214,9 +210,7 @@ class TensorRTBackend(Backend):
             dtype = engine.get_tensor_dtype(name)
             datatype = _DATATYPE_OF_TRT.get(dtype.name)
             if datatype is None:
-                raise ConfigError(
-                    f"model '{spec.name}' tensor '{name}' has type {dtype.name}, which KernelPort cannot serve"
-                )
+                raise unservable_type(spec.name, name, dtype.name)
             sig = TensorSig(name=name, datatype=datatype, shape=tuple(int(d) for d in engine.get_tensor_shape(name)))
             (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(sig)
 
@@ -245,19 +239,26 @@ class TensorRTBackend(Backend):
 
     def bind(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> Callable[[], None]:
         self._require_engine()
-        _check_arrays(self._model, self._max_batch_size, self._inputs, self._outputs, inputs, outputs)
+        check_bind_arrays(
+            self._model,
+            self._max_batch_size,
+            self._inputs,
+            self._outputs,
+            inputs,
+            outputs,
+            unbindable=("BF16",),
+            unbindable_reason="cannot be bound from numpy arrays",
+            reject_empty=True,
+            require_aligned=False,
+            check_overlap=False,
+        )
         shapes = {name: tuple(arr.shape) for name, arr in inputs.items()}
         context = self._context_for(shapes)
         for name, shape in shapes.items():
             if not context.set_input_shape(name, shape):
                 raise ValueError(f"model '{self._model}' input '{name}': TensorRT rejects shape {format_shape(shape)}")
         for name, arr in outputs.items():
-            want = tuple(int(d) for d in context.get_tensor_shape(name))
-            if want != tuple(arr.shape):
-                raise ValueError(
-                    f"model '{self._model}' output '{name}': expected {datatype_of(arr.dtype)} {format_shape(want)} "
-                    f"for these inputs, got {format_shape(arr.shape)}"
-                )
+            check_output_shape(self._model, name, arr, tuple(int(d) for d in context.get_tensor_shape(name)))
         # Every output the engine has needs an address, even one the caller did not ask for.
         scratch = {
             sig.name: np.empty(tuple(int(d) for d in context.get_tensor_shape(sig.name)), numpy_dtype(sig.datatype))
@@ -310,10 +311,6 @@ class TensorRTBackend(Backend):
 
     def device(self) -> str:
         return f"cuda:{self._device_index}"
-
-    @property
-    def max_batch_size(self) -> int:
-        return self._max_batch_size
 
     def output_shapes(self, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """From TensorRT's shape inference for these input shapes; nothing is run."""
@@ -371,30 +368,11 @@ class TensorRTBackend(Backend):
     def _check_spec(
         spec: ModelSpecLike, inputs: list[TensorSig], outputs: list[TensorSig], profiles: list[_Profile]
     ) -> None:
-        model_inputs = [sig.name for sig in inputs]
-        model_outputs = [sig.name for sig in outputs]
-        for t in spec.inputs:
-            if t.name not in model_inputs:
-                raise ConfigError(
-                    f"model '{spec.name}' input '{t.name}': not an input of the engine "
-                    f"(it has {', '.join(model_inputs)})"
-                )
-        # inputs the config leaves out are fine: the server completes the config from io_signature()
-        for t in spec.outputs:
-            if t.name not in model_outputs:
-                raise ConfigError(
-                    f"model '{spec.name}' output '{t.name}': not an output of the engine "
-                    f"(it has {', '.join(model_outputs)})"
-                )
+        check_config_names(spec, "input", [sig.name for sig in inputs], "the engine")
+        check_config_names(spec, "output", [sig.name for sig in outputs], "the engine")
+        check_batch_dims(spec, inputs, outputs, "the engine")
         if spec.max_batch_size <= 0:
             return
-        for kind, sigs in (("input", inputs), ("output", outputs)):
-            for sig in sigs:
-                if not sig.shape or sig.shape[0] != -1:
-                    raise ConfigError(
-                        f"model '{spec.name}' {kind} '{sig.name}': max_batch_size {spec.max_batch_size} needs a "
-                        f"variable first dimension, the engine has {format_shape(sig.shape)}"
-                    )
         for batch in (1, spec.max_batch_size):
             if not any(all(low[0] <= batch <= high[0] for low, high in p.bounds.values()) for p in profiles):
                 ranges = "; ".join(
@@ -405,53 +383,3 @@ class TensorRTBackend(Backend):
                     f"(max_batch_size {spec.max_batch_size}; the profiles take {ranges})"
                 )
 
-
-def _check_arrays(
-    model: str,
-    max_batch_size: int,
-    sig_inputs: list[TensorSig],
-    sig_outputs: list[TensorSig],
-    inputs: dict[str, np.ndarray],
-    outputs: dict[str, np.ndarray],
-) -> None:
-    """Names, dtypes, ranks, static dims, batch size and layout of the arrays bind gets (ValueError)."""
-    by_input = {sig.name: sig for sig in sig_inputs}
-    by_output = {sig.name: sig for sig in sig_outputs}
-    missing = sorted(set(by_input) - set(inputs))
-    if missing:
-        raise ValueError(f"model '{model}': missing input(s) {', '.join(missing)}")
-    if not outputs:
-        raise ValueError(f"model '{model}': no output arrays to bind")
-    batch: int | None = None
-    for kind, arrays, sigs in (("input", inputs, by_input), ("output", outputs, by_output)):
-        for name, arr in arrays.items():
-            sig = sigs.get(name)
-            if sig is None:
-                raise ValueError(f"model '{model}': unknown {kind} '{name}' (it has {', '.join(sigs)})")
-            if not isinstance(arr, np.ndarray):
-                raise TypeError(f"model '{model}' {kind} '{name}': expected a numpy array, got {type(arr)}")
-            what = f"model '{model}' {kind} '{name}'"
-            got = f"{datatype_of(arr.dtype)} {format_shape(arr.shape)}"
-            expected = f"{sig.datatype} {format_shape(sig.shape)}"
-            if sig.datatype == "BF16":
-                raise ValueError(f"{what}: BF16 tensors cannot be bound from numpy arrays")
-            if arr.dtype != numpy_dtype(sig.datatype):
-                raise ValueError(f"{what}: expected {expected}, got {got}")
-            if arr.ndim != len(sig.shape) or any(
-                want >= 0 and have != want for have, want in zip(arr.shape, sig.shape)
-            ):
-                raise ValueError(f"{what}: expected {expected}, got {got}")
-            if max_batch_size > 0:
-                n = arr.shape[0]
-                if not 1 <= n <= max_batch_size:
-                    raise ValueError(f"{what}: batch size {n} is outside 1..{max_batch_size} (got {got})")
-                if batch is None:
-                    batch = n
-                elif n != batch:
-                    raise ValueError(f"{what}: batch size {n} differs from the other arrays' {batch}")
-            if math.prod(arr.shape) == 0:
-                raise ValueError(f"{what}: empty array {got}")
-            if not arr.flags.c_contiguous:
-                raise ValueError(f"{what}: the array must be C-contiguous")
-            if kind == "output" and not arr.flags.writeable:
-                raise ValueError(f"{what}: the output array is read-only")

@@ -56,12 +56,20 @@ import numpy as np
 import torch
 
 from kernelport.backends.base import (
+    DATATYPE_OF_DTYPE_NAME,
     Backend,
     ModelSpecLike,
     TensorSig,
+    bind_shapes_key,
+    bool_parameter,
+    check_batch_dims,
+    check_bind_arrays,
+    check_config_names,
     datatype_of,
     format_shape,
-    numpy_dtype,
+    int_parameter,
+    unservable_type,
+    warn_cpu_only,
 )
 from kernelport.errors import ConfigError
 
@@ -69,27 +77,14 @@ __all__ = ["TorchBackend"]
 
 log = logging.getLogger(__name__)
 
+# torch.float32 -> "FP32": torch's dtypes are named as numpy's (less "torch."); it has no string dtype.
 _DATATYPE_OF_TORCH: dict[torch.dtype, str] = {
-    torch.bool: "BOOL",
-    torch.uint8: "UINT8",
-    torch.uint16: "UINT16",
-    torch.uint32: "UINT32",
-    torch.uint64: "UINT64",
-    torch.int8: "INT8",
-    torch.int16: "INT16",
-    torch.int32: "INT32",
-    torch.int64: "INT64",
-    torch.float16: "FP16",
-    torch.bfloat16: "BF16",
-    torch.float32: "FP32",
-    torch.float64: "FP64",
+    getattr(torch, name): datatype for name, datatype in DATATYPE_OF_DTYPE_NAME.items() if name != "string"
 }
 _TORCH_OF_DATATYPE: dict[str, torch.dtype] = {name: dt for dt, name in _DATATYPE_OF_TORCH.items()}
 
 _INDEXED_NAME = re.compile(r".*__(\d+)")
 _DEFAULT_FILENAMES = ("model.pt", "model.pt2")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 TORCHSCRIPT = "torchscript"
 EXPORTED_PROGRAM = "exported_program"
@@ -106,22 +101,12 @@ def _parameter(parameters: Mapping[str, str], key: str) -> str | None:
     return None
 
 
-def _int_parameter(model: str, key: str, value: str) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise ConfigError(f"model '{model}' parameter '{key}': expected an integer >= 0, got '{value}'")
-    return number
-
-
 def _configure_threads(parameters: Mapping[str, str], model: str) -> None:
     global _interop_threads_set
     intra = _parameter(parameters, "intra_op_thread_count")
-    intra_n = 1 if intra is None else _int_parameter(model, "intra_op_thread_count", intra)
+    intra_n = 1 if intra is None else int_parameter(model, "intra_op_thread_count", intra)
     inter = _parameter(parameters, "inter_op_thread_count")
-    inter_n = 1 if inter is None else _int_parameter(model, "inter_op_thread_count", inter)
+    inter_n = 1 if inter is None else int_parameter(model, "inter_op_thread_count", inter)
     if intra_n > 0:
         torch.set_num_threads(intra_n)
     if inter_n > 0 and not _interop_threads_set:
@@ -136,14 +121,7 @@ def _configure_threads(parameters: Mapping[str, str], model: str) -> None:
 
 def _inference_mode(parameters: Mapping[str, str], model: str) -> bool:
     value = _parameter(parameters, "inference_mode")
-    if value is None:
-        return True
-    word = value.strip().lower()
-    if word in _TRUE:
-        return True
-    if word in _FALSE:
-        return False
-    raise ConfigError(f"model '{model}' parameter 'inference_mode': expected true or false, got '{value}'")
+    return True if value is None else bool_parameter(model, "inference_mode", value)
 
 
 def _artifact_kind(path: str) -> str:
@@ -217,10 +195,7 @@ class TorchBackend(Backend):
         path = _model_file(model_path, spec)
         _configure_threads(spec.parameters, spec.name)
         self._inference_mode = _inference_mode(spec.parameters, spec.name)
-        kind_of_instance = getattr(spec, "instance_kind", "KIND_AUTO")
-        if kind_of_instance == "KIND_GPU":
-            log.warning("model '%s': instance_group KIND_GPU asked, but the pytorch backend runs on cpu only",
-                        spec.name)
+        warn_cpu_only(log, spec, "pytorch")
 
         kind = _artifact_kind(path)
         filename = os.path.basename(path)
@@ -247,7 +222,7 @@ class TorchBackend(Backend):
 
     def bind(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> Callable[[], None]:
         loaded = self._require_loaded()
-        _check_arrays(self._model, self._max_batch_size, loaded.inputs, loaded.outputs, inputs, outputs)
+        check_bind_arrays(self._model, self._max_batch_size, loaded.inputs, loaded.outputs, inputs, outputs)
 
         args: list[torch.Tensor] = [torch.empty(0)] * len(loaded.inputs)
         with warnings.catch_warnings():
@@ -258,10 +233,7 @@ class TorchBackend(Backend):
             args[loaded.input_position[name]] = tensor
         targets = [(loaded.output_key[name], torch.from_numpy(arr), name) for name, arr in outputs.items()]
 
-        key = (
-            tuple(sorted((name, arr.shape) for name, arr in inputs.items())),
-            tuple(sorted((name, arr.shape) for name, arr in outputs.items())),
-        )
+        key = bind_shapes_key(inputs, outputs)
         if key not in self._probed:
             self._probe(loaded, inputs, outputs)
             self._probed.add(key)
@@ -292,10 +264,6 @@ class TorchBackend(Backend):
 
     def device(self) -> str:
         return "cpu"
-
-    @property
-    def max_batch_size(self) -> int:
-        return self._max_batch_size
 
     def _run_unbound(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         loaded = self._require_loaded()
@@ -453,12 +421,7 @@ class TorchBackend(Backend):
         if not spec.outputs:
             indices = {name: j for j, name in enumerate(default_out)}
         elif dict_outputs:
-            unknown = [t.name for t in spec.outputs if t.name not in default_out]
-            if unknown:
-                raise ConfigError(
-                    f"model '{spec.name}' output '{unknown[0]}': not an output of the exported program "
-                    f"(it has {', '.join(default_out)})"
-                )
+            check_config_names(spec, "output", default_out, "the exported program")
             indices = {t.name: default_out.index(t.name) for t in spec.outputs}
         else:
             indices = dict(_output_indices(spec.name, [t.name for t in spec.outputs], len(model_outputs)))
@@ -501,14 +464,13 @@ class TorchBackend(Backend):
         inputs: list[TensorSig],
         outputs: list[TensorSig],
     ) -> None:
-        for kind, sigs in (("input", inputs), ("output", outputs)):
-            for sig in sigs:
-                if not sig.shape or sig.shape[0] != -1:
-                    raise ConfigError(
-                        f"model '{spec.name}' {kind} '{sig.name}': max_batch_size {spec.max_batch_size} needs a "
-                        f"variable first dimension, the exported program has {format_shape(sig.shape)} (export "
-                        f"with dynamic_shapes={{...: {{0: torch.export.Dim('batch')}}}})"
-                    )
+        check_batch_dims(
+            spec,
+            inputs,
+            outputs,
+            "the exported program",
+            " (export with dynamic_shapes={...: {0: torch.export.Dim('batch')}})",
+        )
         for s, sig in zip(user_inputs, inputs):
             value = placeholders[s.arg.name].meta.get("val")
             first = value.shape[0] if value is not None and len(value.shape) else None
@@ -579,7 +541,7 @@ def _sig_of_value(model: str, name: str, value: Any) -> TensorSig:
         raise ConfigError(f"model '{model}': '{name}' of the exported program is not a tensor")
     datatype = _DATATYPE_OF_TORCH.get(value.dtype)
     if datatype is None:
-        raise ConfigError(f"model '{model}' tensor '{name}' has type {value.dtype}, which KernelPort cannot serve")
+        raise unservable_type(model, name, str(value.dtype))
     return TensorSig(name=name, datatype=datatype, shape=_shape_of(value.shape))
 
 
@@ -683,58 +645,3 @@ def _lifted_arguments(program: Any) -> list[torch.Tensor] | None:
         lifted.append(value.detach())
     return lifted
 
-
-def _check_arrays(
-    model: str,
-    max_batch_size: int,
-    sig_inputs: list[TensorSig],
-    sig_outputs: list[TensorSig],
-    inputs: dict[str, np.ndarray],
-    outputs: dict[str, np.ndarray],
-) -> None:
-    """Names, dtypes, ranks, static dims, batch size and layout of the arrays bind gets (ValueError)."""
-    by_input = {sig.name: sig for sig in sig_inputs}
-    by_output = {sig.name: sig for sig in sig_outputs}
-    missing = sorted(set(by_input) - set(inputs))
-    if missing:
-        raise ValueError(f"model '{model}': missing input(s) {', '.join(missing)}")
-    if not outputs:
-        raise ValueError(f"model '{model}': no output arrays to bind")
-    batch: int | None = None
-    checked: list[tuple[str, np.ndarray]] = []
-    for kind, arrays, sigs in (("input", inputs, by_input), ("output", outputs, by_output)):
-        for name, arr in arrays.items():
-            sig = sigs.get(name)
-            if sig is None:
-                raise ValueError(f"model '{model}': unknown {kind} '{name}' (it has {', '.join(sigs)})")
-            if not isinstance(arr, np.ndarray):
-                raise TypeError(f"model '{model}' {kind} '{name}': expected a numpy array, got {type(arr)}")
-            what = f"model '{model}' {kind} '{name}'"
-            got = f"{datatype_of(arr.dtype)} {format_shape(arr.shape)}"
-            expected = f"{sig.datatype} {format_shape(sig.shape)}"
-            if sig.datatype in ("BYTES", "BF16"):
-                raise ValueError(f"{what}: {sig.datatype} tensors cannot be bound in place")
-            if arr.dtype != numpy_dtype(sig.datatype):
-                raise ValueError(f"{what}: expected {expected}, got {got}")
-            if arr.ndim != len(sig.shape) or any(
-                want >= 0 and have != want for have, want in zip(arr.shape, sig.shape)
-            ):
-                raise ValueError(f"{what}: expected {expected}, got {got}")
-            if max_batch_size > 0:
-                n = arr.shape[0]
-                if not 1 <= n <= max_batch_size:
-                    raise ValueError(f"{what}: batch size {n} is outside 1..{max_batch_size} (got {got})")
-                if batch is None:
-                    batch = n
-                elif n != batch:
-                    raise ValueError(f"{what}: batch size {n} differs from the other arrays' {batch}")
-            if not arr.flags.c_contiguous or not arr.flags.aligned:
-                raise ValueError(f"{what}: the array must be C-contiguous and aligned")
-            if kind == "output" and not arr.flags.writeable:
-                raise ValueError(f"{what}: the output array is read-only")
-            checked.append((f"{kind} '{name}'", arr))
-    for i, (label, arr) in enumerate(checked):
-        if label.startswith("output"):
-            for other_label, other in checked[:i] + checked[i + 1 :]:
-                if np.may_share_memory(arr, other):
-                    raise ValueError(f"model '{model}' {label}: its memory overlaps {other_label}")

@@ -54,6 +54,18 @@ def _examples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from kernelport.cli.status import run_status
+
+    return run_status(args)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from kernelport.cli.status import run_models
+
+    return run_models(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kernelport", description="KernelPort inference server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(server/model metadata, config, model ready, statistics, repository index), "
                         "repository (load/unload), shm (shared-memory register/unregister/status), health "
                         "(server live/ready, grpc.health), or '*' for every RPC; groups not listed stay open")
-    s.add_argument("--commit-timeout-ms", type=float, default=100.0,
+    s.add_argument("--commit-timeout-ms", type=float, default=500.0,
                    help="how long a claimed row may stay uncommitted before its batch runs without it")
-    s.add_argument("--lane-slots", type=int, default=4, help="batch slots per lane")
+    s.add_argument("--lane-slots", type=int, default=8,
+                   help="batch slots per lane (fewer for lanes of large tensors: at most 256 MiB a lane)")
     s.add_argument("--max-lanes-per-model", type=int, default=16,
                    help="distinct input shapes a model serves at once (idle ones are evicted)")
     s.add_argument("--max-restarts", type=int, default=5,
@@ -92,6 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--allow-other-users", action="store_true", help="accept local clients of any uid")
     s.add_argument("--log-level", default="INFO")
     s.set_defaults(func=_serve)
+
+    st = sub.add_parser("status", help="a view of a running server: models, workers, batches, waits")
+    st.add_argument("--socket", default="/tmp/kernelport.sock")
+    st.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    st.set_defaults(func=_status)
+
+    mo = sub.add_parser("models", help="list, load or unload models of a running server")
+    mo.add_argument("action", choices=["list", "load", "unload"])
+    mo.add_argument("name", nargs="?")
+    mo.add_argument("--socket", default="/tmp/kernelport.sock")
+    mo.set_defaults(func=_models)
 
     e = sub.add_parser("examples", help="write the bundled example model repository")
     e.add_argument("path")

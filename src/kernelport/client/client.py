@@ -139,6 +139,19 @@ class Client:
         """Every model's state, the reason when it is not ready, and its worker processes."""
         return dict(self._call({"op": "status"})[0]["models"])
 
+    def repository_index(self) -> list[dict[str, str]]:
+        """Every model of the repository: name, version, state and the reason when not ready."""
+        return list(self._call({"op": "index"})[0]["models"])
+
+    def load_model(self, model: str) -> None:
+        """(Re)load a model from the repository."""
+        self._forget(model)
+        self._call({"op": "load", "model": model})
+
+    def unload_model(self, model: str) -> None:
+        self._forget(model)
+        self._call({"op": "unload", "model": model})
+
     def counters(self, model: str) -> dict[str, int]:
         """The model's lane counters (claims, batches, rows, sleeps...), summed over its lanes."""
         return {k: int(v) for k, v in self._call({"op": "counters", "model": model})[0]["counters"].items()}

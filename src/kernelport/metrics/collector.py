@@ -8,8 +8,14 @@ Sources, all read here in the server process:
 - `ModelRuntime` attributes: state, load time, worker crashes and restarts, the worker processes (their
   resident memory from `/proc/<pid>/status`).
 
-Counters restart from zero when a model's workers are (re)started (a new statistics block and new lanes),
-as Triton's do when a model is reloaded; Prometheus' `rate()` treats that as a counter reset.
+Counters restart from zero when a model's workers are (re)started (a new statistics block, doorbell and
+lanes), as Triton's do when a model is reloaded; Prometheus' `rate()` treats that as a counter reset.
+
+`nv_inference_request_failure` has two reasons: BACKEND, the requests of batches whose backend run failed
+(the statistics block's failures less the requests that expired in the queue), and REJECTED, requests
+refused because the model's queue was full (the doorbell's count) or that expired in the queue past their
+timeout (the lanes' count). Requests refused before they reach a lane (a malformed request, an unknown
+model) are the front ends' answers, not the model's failures, and are not counted here.
 
 `nv_inference_pending_request_count` (requests claimed and not finished) is derived, per model, as
 claims - (successes + failures) - abandoned rows, read in that order (statistics first, so a request that

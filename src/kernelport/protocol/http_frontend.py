@@ -259,6 +259,10 @@ class HttpFrontend:
         self.idle_timeout = float(idle_timeout)
         self.version = server_version()
         self.closed = threading.Event()
+        try:
+            self.httpd = _HttpServer(host, port, self, max_connections)
+        except OSError as e:
+            raise OSError(f"cannot listen for HTTP on {host}:{port}: {e.strerror or e}") from None
         self._gpu: Any = None
         if metrics is None:
             from kernelport.metrics import Collector, NvmlMetrics
@@ -266,10 +270,6 @@ class HttpFrontend:
             self._gpu = NvmlMetrics.create()
             metrics = Collector(dataplane, self._gpu).render
         self.metrics = metrics
-        try:
-            self.httpd = _HttpServer(host, port, self, max_connections)
-        except OSError as e:
-            raise OSError(f"cannot listen for HTTP on {host}:{port}: {e.strerror or e}") from None
         self.host = host
         self.port = int(self.httpd.server_address[1])
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.5},

@@ -29,6 +29,7 @@ LOADING = "LOADING"
 UNAVAILABLE = "UNAVAILABLE"
 UNLOADING = "UNLOADING"
 CRASH_WINDOW_S = 60.0
+LANE_BYTES_BUDGET = 256 << 20  # a lane of large tensors gets fewer slots (but always 2)
 LANE_COUNTERS = ("claims", "batches", "rows", "client_sleeps", "worker_sleeps", "commit_timeouts", "full_waits",
                  "abandoned_rows", "failed_batches", "expired_requests")
 
@@ -37,8 +38,8 @@ LANE_COUNTERS = ("claims", "batches", "rows", "client_sleeps", "worker_sleeps", 
 class ServerOptions:
     repository: str
     socket_path: str
-    commit_timeout: float = 0.1  # seconds a claimed row may stay uncommitted before its batch goes on
-    lane_slots: int = 4
+    commit_timeout: float = 0.5  # seconds a claimed row may stay uncommitted before its batch goes on
+    lane_slots: int = 8
     max_lanes_per_model: int = 16
     load_timeout: float = 300.0
     log_level: str = "INFO"
@@ -350,7 +351,9 @@ class ModelRuntime:
         self.next_lane_id += 1
         max_batch = info.max_batch_size if info.batching else 1
         nslots = int(self.spec.parameters.get("kernelport.lane_slots", self.options.lane_slots)) if self.spec else 4
-        layout = LaneLayout(lane_id, max(2, nslots), max_batch, info.batching, tensors, len(info.inputs))
+        slot_bytes = max_batch * sum(t.row_bytes for t in tensors)
+        nslots = max(2, min(nslots, LANE_BYTES_BUDGET // max(1, slot_bytes)))  # large tensors: fewer slots
+        layout = LaneLayout(lane_id, nslots, max_batch, info.batching, tensors, len(info.inputs))
         size = layout.required_size()
         layout = LaneLayout(lane_id, layout.nslots, max_batch, info.batching, tensors, len(info.inputs), size)
         log.debug("model '%s': lane %d for %s (%d bytes)", self.name, lane_id, shapes, size)

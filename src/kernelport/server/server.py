@@ -240,6 +240,16 @@ class Server:
             return {"models": {
                 name: {"state": rt.state, "reason": rt.reason, "workers": [w.process.pid for w in rt.workers]}
                 for name, rt in list(dp.models.items())}}, []
+        if op == "index":
+            return {"models": [{"name": n, "version": v, "state": st, "reason": r}
+                               for n, v, st, r in dp.repository_index()]}, []
+        if op in ("load", "unload"):
+            name = str(msg.get("model", ""))
+            if op == "load":
+                dp.load(name)
+            else:
+                dp.unload(name)
+            return {"ok": True}, []
         if op == "counters":
             return {"counters": dp.counters(str(msg.get("model", "")))}, []
         raise InvalidInputError(f"unknown request {op!r}")
