@@ -19,6 +19,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _TYPES = ("counter", "gauge", "histogram", "untyped")
+_CHECKED_LABELS: set[str] = set()  # label names already found valid (a handful: model, version, le, ...)
 
 
 def escape_label_value(value: str) -> str:
@@ -59,8 +60,10 @@ class MetricFamily:
     def add(self, value: float, labels: Mapping[str, str] | None = None, suffix: str = "") -> None:
         items = tuple((k, str(v)) for k, v in (labels or {}).items())
         for k, _ in items:
-            if not _LABEL.match(k) or k.startswith("__"):
-                raise ValueError(f"metric {self.name}: not a label name: {k!r}")
+            if k not in _CHECKED_LABELS:
+                if not _LABEL.match(k) or k.startswith("__"):
+                    raise ValueError(f"metric {self.name}: not a label name: {k!r}")
+                _CHECKED_LABELS.add(k)
         self.samples.append((self.name + suffix, items, value))
 
     def add_histogram(self, labels: Mapping[str, str], buckets: Sequence[tuple[float, int]], total: float,

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
@@ -69,6 +69,10 @@ __all__ = [
     "server_version",
     "serve_grpc",
 ]
+
+
+if TYPE_CHECKING:
+    from kernelport.server.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 
@@ -112,25 +116,6 @@ class StatusError(KernelPortError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.grpc_code = code
-
-
-class DataPlaneLike(Protocol):
-    """The part of `kernelport.server.dataplane.DataPlane` this front end calls (docs/internals.md)."""
-
-    def model_names(self) -> list[str]: ...
-    def model_spec(self, name: str) -> Any: ...
-    def model_ready(self, name: str) -> bool: ...
-    def infer(
-        self,
-        name: str,
-        inputs: dict[str, np.ndarray],
-        outputs: list[str] | None = None,
-        timeout: float | None = None,
-    ) -> dict[str, np.ndarray]: ...
-    def statistics(self, name: str) -> Any: ...
-    def load(self, name: str) -> Any: ...
-    def unload(self, name: str) -> Any: ...
-    def repository_index(self) -> Sequence[Any]: ...
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -279,7 +264,7 @@ class InferenceServicer:
 
     def __init__(
         self,
-        dataplane: DataPlaneLike,
+        dataplane: DataPlane,
         shm: SharedMemoryRegistry | None = None,
         *,
         stream_workers: int = DEFAULT_WORKERS,
@@ -680,6 +665,8 @@ class InferenceServicer:
         if not name:
             raise InvalidInputError("model_name is required")
         spec = self.dp.model_spec(name)
+        if request.model_version and request.model_version not in self.dp.model_info(name).versions:
+            raise ModelNotFoundError(f"model '{name}' has no version '{request.model_version}'")
         with contextlib.ExitStack() as stack:
             regions: dict[str, SharedMemoryRegion] = {}
 
@@ -1007,7 +994,7 @@ class GrpcFrontendServer(grpc.Server):
 
 
 def serve_grpc(
-    dataplane: DataPlaneLike,
+    dataplane: DataPlane,
     host: str = "127.0.0.1",
     port: int = 8001,
     max_message_bytes: int = 2**31 - 1,

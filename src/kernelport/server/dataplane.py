@@ -18,7 +18,7 @@ import _kpcore
 from kernelport.client.lanes import SERVER_OWNER, ModelInfo, check_outputs, validate_inputs
 from kernelport.errors import KernelPortError, ModelNotFoundError
 from kernelport.repository import ModelSpec, load_model, load_repository, validate_model_name
-from kernelport.server.models import READY, UNAVAILABLE, ModelRuntime, ServerOptions
+from kernelport.server.models import READY, UNAVAILABLE, ModelRuntime, ServerOptions, scrub_paths
 from kernelport.server.stats import StatsSnapshot, snapshot_from_counters
 
 log = logging.getLogger("kernelport.server")
@@ -65,8 +65,9 @@ class DataPlane:
             self.load_errors[name] = str(e)
             raise
         except Exception as e:
-            self.load_errors[name] = str(e)
-            raise KernelPortError(f"model '{name}' failed to load: {e}") from e
+            message = scrub_paths(str(e), self.options.repository)
+            self.load_errors[name] = message
+            raise KernelPortError(f"model '{name}' failed to load: {message}") from None
         self.load_errors.pop(name, None)
 
     def unload(self, name: str) -> None:

@@ -148,8 +148,10 @@ class ModelRuntime:
             self._load()
         except BaseException as e:
             self.state = UNAVAILABLE
-            self.reason = str(e)
+            self.reason = scrub_paths(str(e), self.options.repository)
             self._stop_workers()
+            if isinstance(e, KernelPortError):  # the same error, naming no server path
+                raise type(e)(self.reason) from None
             raise
         self.load_seconds = time.monotonic() - t0
         self.state = READY
@@ -418,3 +420,11 @@ def _max_queue_size(config: Any) -> int:
         return 0
     size = int(config.dynamic_batching.default_queue_policy.max_queue_size)
     return max(0, min(size, 2**31))
+
+
+def scrub_paths(text: str, repository: str) -> str:
+    """A message for clients: the repository's location on the server becomes `<repository>`
+    (frameworks name the files they fail on)."""
+    for root in sorted({os.path.abspath(repository), os.path.realpath(repository)}, key=len, reverse=True):
+        text = text.replace(root, "<repository>")
+    return text
