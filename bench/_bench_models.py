@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -71,7 +71,7 @@ def _build_here(root: str) -> None:
     os.makedirs(root, exist_ok=True)
     conformance._torch_models(Path(root), weights)
     conformance._tensorflow_model(Path(root), weights)
-    np.savez(os.path.join(os.path.dirname(os.path.abspath(root)), WEIGHTS_FILE), **weights)
+    np.savez(os.path.join(os.path.dirname(os.path.abspath(root)), WEIGHTS_FILE), **weights)  # type: ignore[arg-type]
 
 
 def build_backend_models(root: str, timeout_s: float = 600.0) -> None:
@@ -190,7 +190,7 @@ def _tensorflow() -> Any:
 
 
 # framework -> floor factory (repository, model, inputs, model metadata); ONNX Runtime's is latency.py's own
-FLOORS = {
+FLOORS: dict[str, Callable[[str, str, Mapping[str, np.ndarray], Mapping[str, Any]], Any]] = {
     "torchscript": TorchScriptFloor,
     "torch.export": ExportedProgramFloor,
     "tensorflow": SavedModelFloor,

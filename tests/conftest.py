@@ -119,3 +119,15 @@ def server(served_repo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     yield srv
     code = srv.stop()
     assert code == 0, srv.log()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes a process started (its workers), from /proc."""
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.extend(int(p) for p in f.read().split())
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return found

@@ -279,7 +279,8 @@ class LaneModel:
         if s.gen != q or s.count == 0:
             return None
         if not s.closed:
-            ready = s.count >= close_at or s.count >= self.max_batch or window_elapsed
+            ready = (s.count >= close_at or s.count >= self.max_batch or window_elapsed
+                     or self.status == LANE_RETIRED)  # a retired lane takes no more claims
             if not ready:
                 return None
             s.closed = True

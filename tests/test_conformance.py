@@ -9,7 +9,6 @@ checked to be its own process with only its own framework mapped.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import warnings
@@ -33,7 +32,7 @@ tf = pytest.importorskip(
 pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript (pip install 'kernelport[torch]')")
 pytest.importorskip("onnxruntime", reason="the conformance test needs onnxruntime (pip install 'kernelport[onnx]')")
 
-from conftest import ServerProcess  # noqa: E402
+from conftest import ServerProcess, child_pids  # noqa: E402
 from kernelport import Client  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -224,14 +223,6 @@ def test_concurrent_requests_from_threads(server: ServerProcess, repository: Rep
     assert errors == []
 
 
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            found.extend(int(p) for p in f.read().split())
-    return found
-
-
 def _frameworks_mapped(pid: int) -> set[str]:
     with open(f"/proc/{pid}/maps") as f:
         maps = f.read()
@@ -243,7 +234,7 @@ def test_each_model_runs_in_its_own_process_with_only_its_framework(server: Serv
         for model, (_, input_name, _) in MODELS.items():
             client.infer(model, {input_name: np.zeros((1, 16), np.float32)})  # every worker has run a batch
     assert _frameworks_mapped(server.pid) == set()  # the server process never loads a framework
-    workers = {pid: _frameworks_mapped(pid) for pid in _children(server.pid)}
+    workers = {pid: _frameworks_mapped(pid) for pid in child_pids(server.pid)}
     workers = {pid: mapped for pid, mapped in workers.items() if mapped}  # e.g. multiprocessing's helpers
     assert len(workers) == len(MODELS), workers  # one process per model instance
     for pid, mapped in workers.items():

@@ -80,3 +80,23 @@ def test_worker_death_fails_its_requests_restarts_and_gives_up(served_repo: str,
             assert c.model_ready("add_sub")
     finally:
         assert srv.stop() == 0, srv.log()
+
+
+def test_sigterm_lets_requests_in_flight_finish(served_repo: str, tmp_path) -> None:
+    """SIGTERM: new work is refused, a request already waiting for its batch (a 50 ms window) is
+    answered, the server exits 0 and leaves no socket behind."""
+    sock = str(tmp_path / "drain.sock")
+    srv = ServerProcess(served_repo, sock, "--exit-timeout-secs", "20")
+    c = Client(sock)
+    req = c.request("add_sub_window", batch=2)
+    req.inputs["INPUT0"][:] = 3
+    req.inputs["INPUT1"][:] = 1
+    srv.proc.send_signal(signal.SIGTERM)
+    out = req.run(timeout=20)  # committed after the signal: still served
+    np.testing.assert_array_equal(out["OUTPUT0"], np.full((2, 16), 4, np.float32))
+    req.release()
+    assert srv.proc.wait(30) == 0, srv.log()
+    assert not os.path.exists(sock)
+    with pytest.raises(Exception, match="shutting down|server is gone|not ready"):
+        c.infer("add_sub", {"INPUT0": np.ones((1, 16), np.float32), "INPUT1": np.ones((1, 16), np.float32)})
+    c.close()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from _clients import add_sub_worker, claim_then_hang
-from conftest import ServerProcess
+from conftest import ServerProcess, child_pids
 from kernelport import (
     AsyncClient,
     Client,
@@ -236,6 +236,16 @@ def test_client_killed_between_claim_and_commit(server: ServerProcess, client: C
         np.testing.assert_array_equal(out["OUTPUT0"], rand(1, 16, seed=i) + rand(1, 16))
 
 
+def _assert_no_named_segments(pid: int, shm_before: set[str]) -> None:
+    """Segments are memfds: the server maps nothing from /dev/shm, and no new entry there is ours
+    (other processes on the machine may add their own)."""
+    if os.path.exists(f"/proc/{pid}/maps"):
+        with open(f"/proc/{pid}/maps") as f:
+            assert "/dev/shm/" not in f.read()
+    new = set(os.listdir("/dev/shm")) - shm_before
+    assert not [n for n in new if n.startswith(("kp", "kernelport"))], new
+
+
 def _server_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -244,7 +254,7 @@ def test_client_killed_while_waiting_leaks_nothing(server: ServerProcess, client
     model = "add_sub_preferred"  # 30 s window: the victim's batch cannot close before it dies
     client.infer(model, {"INPUT0": rand(4, 16), "INPUT1": rand(4, 16)})  # the lane exists
     fds_before = _server_fds(server.pid)
-    shm_before = sorted(os.listdir("/dev/shm"))
+    shm_before = set(os.listdir("/dev/shm"))
     for _ in range(3):
         victim = _start_hanging_client(server, model, commit=True)
         os.kill(victim.pid, signal.SIGKILL)
@@ -255,7 +265,7 @@ def test_client_killed_while_waiting_leaks_nothing(server: ServerProcess, client
             a = rand(4, 16, seed=i)
             out = c2.infer(model, {"INPUT0": a, "INPUT1": a}, timeout=20)
             np.testing.assert_array_equal(out["OUTPUT0"], a + a)
-    assert sorted(os.listdir("/dev/shm")) == shm_before
+    _assert_no_named_segments(server.pid, shm_before)
     # every victim's connection and descriptors are closed (the server closes the last one just after us)
     deadline = time.monotonic() + 10
     while _server_fds(server.pid) > fds_before and time.monotonic() < deadline:
@@ -264,12 +274,13 @@ def test_client_killed_while_waiting_leaks_nothing(server: ServerProcess, client
 
 
 def test_server_gone_and_clean_shutdown(served_repo: str, tmp_path) -> None:
-    shm_before = sorted(os.listdir("/dev/shm"))
+    shm_before = set(os.listdir("/dev/shm"))
     sock = str(tmp_path / "gone.sock")
     srv = ServerProcess(served_repo, sock)
     c = Client(sock)
     a = rand(1, 16)
     np.testing.assert_array_equal(c.infer("add_sub", {"INPUT0": a, "INPUT1": a})["OUTPUT0"], a + a)
+    _assert_no_named_segments(srv.pid, shm_before)
     assert srv.stop() == 0  # SIGTERM: a clean exit
     assert not os.path.exists(sock)
     with pytest.raises(ServerUnavailableError):
@@ -277,7 +288,7 @@ def test_server_gone_and_clean_shutdown(served_repo: str, tmp_path) -> None:
     c.close()
     with pytest.raises(ServerUnavailableError, match="no KernelPort server"):
         Client(sock)
-    assert sorted(os.listdir("/dev/shm")) == shm_before
+    _assert_no_named_segments(srv.pid, shm_before)
 
 
 # ---- shape-aware lanes, eviction and BYTES, on a server of their own ------------------------------------
@@ -389,7 +400,7 @@ def test_sigint_shuts_down_cleanly(served_repo: str, tmp_path) -> None:
     with Client(sock) as c:
         a = rand(1, 16)
         np.testing.assert_array_equal(c.infer("add_sub", {"INPUT0": a, "INPUT1": a})["OUTPUT0"], a + a)
-    workers = _children(srv.pid)
+    workers = child_pids(srv.pid)
     assert len(workers) >= 4  # one worker process per model instance
     srv.proc.send_signal(signal.SIGINT)
     assert srv.proc.wait(30) == 0, srv.log()
@@ -407,14 +418,6 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(x) for x in f.read().split()]
-    return out
 
 
 def test_cli_status_and_models(server: ServerProcess) -> None:

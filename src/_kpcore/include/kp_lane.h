@@ -621,7 +621,9 @@ static inline int kp_try_take(kp_lane_hdr *h, kp_doorbell *d, const kp_batch_pol
                 fc = now;
         }
         uint32_t c = kp_count(w);
-        int ready = c >= p->close_at || c >= h->max_batch || now >= fc + p->window_ns;
+        /* a retired lane takes no more claims: waiting out the window would gain nothing */
+        int ready = c >= p->close_at || c >= h->max_batch || now >= fc + p->window_ns ||
+                    atomic_load_explicit(&h->status, KP_ACQUIRE) == KP_LANE_RETIRED;
         if (!ready) {
             if (fc + p->window_ns < *next_deadline) *next_deadline = fc + p->window_ns;
             return 0;

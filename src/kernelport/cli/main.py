@@ -25,6 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
         lane_slots=args.lane_slots,
         max_lanes_per_model=args.max_lanes_per_model,
         max_restarts=args.max_restarts,
+        exit_timeout=args.exit_timeout_secs,
         restart_backoff=args.restart_backoff_ms / 1000.0,
         log_level=args.log_level,
         allow_other_users=args.allow_other_users,
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="batch slots per lane (fewer for lanes of large tensors: at most 256 MiB a lane)")
     s.add_argument("--max-lanes-per-model", type=int, default=16,
                    help="distinct input shapes a model serves at once (idle ones are evicted)")
+    s.add_argument("--exit-timeout-secs", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, how long requests in flight may take before they are failed")
     s.add_argument("--max-restarts", type=int, default=5,
                    help="worker crashes within a minute before a model is left unavailable")
     s.add_argument("--restart-backoff-ms", type=float, default=250.0,

@@ -259,6 +259,8 @@ class HttpFrontend:
         self.idle_timeout = float(idle_timeout)
         self.version = server_version()
         self.closed = threading.Event()
+        self._in_flight = 0  # requests being handled now (read, answered)
+        self._idle = threading.Condition()
         try:
             self.httpd = _HttpServer(host, port, self, max_connections)
         except OSError as e:
@@ -278,7 +280,25 @@ class HttpFrontend:
     def start(self) -> None:
         self._thread.start()
 
+    def wait_idle(self, timeout: float) -> bool:
+        """After `stop()`: wait up to `timeout` seconds for the requests being handled to be answered
+        (a graceful shutdown calls it after the data plane has drained). True when none is left."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def _begin(self) -> None:
+        with self._idle:
+            self._in_flight += 1
+
+    def _end(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
+
     def stop(self) -> None:
+        """Stop listening; from now on requests on open connections are answered 503. Requests being
+        handled go on (see `wait_idle`)."""
         if self.closed.is_set():
             return
         self.closed.set()
@@ -775,6 +795,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         fe = self.server.frontend
+        fe._begin()
+        try:
+            self._answer(fe, method)
+        finally:
+            fe._end()
+
+    def _answer(self, fe: HttpFrontend, method: str) -> None:
         try:
             if fe.closed.is_set():
                 raise HttpError(503, "the server is shutting down", close=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -92,6 +93,20 @@ class DataPlane:
             else:
                 out.append((name, "", "", ""))
         return out
+
+    def drain(self, timeout: float) -> int:
+        """Stop taking new requests and let those in flight finish, for at most `timeout` seconds.
+        Returns how many lanes still held requests when the time ran out."""
+        with self.lock:
+            models = list(self.models.values())
+        for rt in models:
+            rt.start_draining()
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            busy = sum(rt.busy_lanes() for rt in models)
+            if busy == 0 or time.monotonic() >= deadline:
+                return busy
+            time.sleep(0.01)  # the server's own shutdown poll, not a client's synchronisation
 
     def shutdown(self) -> None:
         with self.lock:

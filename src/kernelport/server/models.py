@@ -44,6 +44,7 @@ class ServerOptions:
     load_timeout: float = 300.0
     log_level: str = "INFO"
     allow_other_users: bool = False
+    exit_timeout: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
     max_restarts: int = 5  # worker crashes within a minute before the server stops restarting a model
     restart_backoff: float = 0.25  # seconds before the first restart, doubled after each crash, at most 8 s
 
@@ -238,6 +239,20 @@ class ModelRuntime:
                 for fd in fds:
                     os.close(fd)
             w.bell = self.doorbell
+
+    def start_draining(self) -> None:
+        """Shutdown: no new requests (clients get LaneRetired, then a not-ready error); those already
+        claimed finish."""
+        if self.state == READY:
+            self.state = UNLOADING
+            self.reason = "the server is shutting down"
+        with self.lock:
+            for lane in self.lanes.values():
+                lane.view.lane.set_status(_kpcore.LANE_RETIRED)
+
+    def busy_lanes(self) -> int:
+        with self.lock:
+            return sum(not lane.view.lane.idle() for lane in self.lanes.values())
 
     def unload(self) -> None:
         self.unloaded = True

@@ -18,7 +18,7 @@ from multiprocessing.connection import wait as wait_sentinels
 from typing import Any
 
 from kernelport.client.bytes_codec import MAX_CAPACITY, capacity_for
-from kernelport.errors import InvalidInputError, KernelPortError
+from kernelport.errors import InvalidInputError, KernelPortError, ServerUnavailableError
 from kernelport.server.dataplane import DataPlane
 from kernelport.server.models import ModelRuntime, ServerOptions
 from kernelport.server.wire import ConnectionClosed, recv_msg, send_msg
@@ -78,9 +78,10 @@ class Server:
     def stop(self) -> None:
         if self.stopping.is_set():
             return
-        self.stopping.set()
-        if self.grpc_server is not None:
-            self.grpc_server.stop(grace=1.0)
+        self.stopping.set()  # local handshakes are refused from now on
+        grpc_stopped = None
+        if self.grpc_server is not None:  # new RPCs are refused; those in flight get the exit timeout
+            grpc_stopped = self.grpc_server.stop(grace=self.options.exit_timeout)
         if self.http_server is not None:
             self.http_server.stop()
         if self.sock is not None:
@@ -93,6 +94,13 @@ class Server:
                 os.unlink(self.options.socket_path)
             except FileNotFoundError:
                 pass
+        left = self.dataplane.drain(self.options.exit_timeout)
+        if left:
+            log.warning("exit timeout: failing the requests still in flight on %d lane(s)", left)
+        if self.http_server is not None:
+            self.http_server.wait_idle(1.0)
+        if grpc_stopped is not None:
+            grpc_stopped.wait(1.0)
         self.dataplane.shutdown()
         for c in list(self.connections):
             try:
@@ -201,6 +209,8 @@ class Server:
     def _handle(self, msg: dict[str, Any], owner: int, models_used: set[str]) -> tuple[dict[str, Any], list[int]]:
         op = msg.get("op")
         dp = self.dataplane
+        if self.stopping.is_set():
+            raise ServerUnavailableError("the server is shutting down")
         if op == "hello":
             return {"owner": owner, "protocol": PROTOCOL_VERSION, "models": dp.model_names()}, []
         if op == "ready":
