@@ -68,7 +68,7 @@ def test_churn_and_killed_clients_leak_nothing(served_repo: str, tmp_path) -> No
 
         rng = random.Random(0)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        for group in range(10):  # 100 victims, 10 at a time
+        for _group in range(10):  # 100 victims, 10 at a time
             procs = []
             for _ in range(10):
                 p = subprocess.Popen([sys.executable, "-c", VICTIM, sock, str(rng.randrange(3))],
