@@ -82,7 +82,7 @@ def test_churn_and_killed_clients_leak_nothing(served_repo: str, tmp_path) -> No
 
         # the server still serves every slot of the lanes the victims used
         with Client(sock) as c:
-            for i in range(40):
+            for _ in range(40):
                 out = c.infer("add_sub_window", {"INPUT0": a, "INPUT1": a}, timeout=30)
                 np.testing.assert_array_equal(out["OUTPUT0"], a + a)
         with open(f"/proc/{srv.pid}/maps") as f:
