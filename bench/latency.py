@@ -51,12 +51,9 @@ import multiprocessing as mp
 import os
 import platform
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -79,6 +76,7 @@ from _bench_clients import (
 )
 from _bench_models import BACKEND_MODELS, FLOORS, build_backend_models, load_weights, reference
 from kernelport import Client
+from kernelport.server.process import ServerProcess, free_port
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE_MODELS = ("add_sub", "mlp", "identity_16m")
@@ -150,53 +148,6 @@ class Row:
 
 
 # ---- the server --------------------------------------------------------------------------------------
-
-
-class ServerProcess:
-    """`kernelport serve` in a subprocess; its output is kept and shown if it fails."""
-
-    def __init__(self, repository: str, socket_path: str, *extra: str, start_timeout: float = 120.0) -> None:
-        self.socket_path = socket_path
-        self.lines: list[str] = []
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernelport.cli.main", "serve", "--model-repository", repository,
-             "--socket", socket_path, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if "ready on" in line:
-                    ready.set()
-            ready.set()
-
-        self._pump = threading.Thread(target=pump, daemon=True)
-        self._pump.start()
-        if not ready.wait(start_timeout) or self.proc.poll() is not None:
-            self.kill()
-            raise RuntimeError("the server did not start:\n" + self.log())
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM, then wait; returns the exit code (killed: negative)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._pump.join(5)
-        return int(self.proc.returncode)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 # ---- the floor ---------------------------------------------------------------------------------------
@@ -847,14 +798,6 @@ def machine_info() -> dict[str, Any]:
 
 
 # ---- main --------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (another process may take it before the server
-    binds it: `start_server` then tries another)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_server(repository: str, socket_path: str, grpc_port: int | None) -> tuple[ServerProcess, int]:

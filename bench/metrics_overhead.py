@@ -23,8 +23,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,6 +37,7 @@ import numpy as np
 import kernelport
 from _bench_clients import LoadRun, Target
 from kernelport import Client
+from kernelport.server.process import ServerProcess, free_port
 from latency import ClientPool, ForeignLoad, percentiles_us
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -72,48 +71,18 @@ class Result:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-class Server:
+class Server(ServerProcess):
     """`kernelport serve` with HTTP on a free port, in a subprocess."""
 
     def __init__(self, repository: str, socket_path: str) -> None:
-        self.socket_path = socket_path
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernelport.cli.main", "serve", "--model-repository", repository,
-             "--socket", socket_path, "--http-port", str(self.port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if "ready on" in line:
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(120) or self.proc.poll() is not None:
-            self.stop()
-            raise RuntimeError("the server did not start:\n" + "".join(self.lines))
+        self.port = free_port()
+        super().__init__(repository, socket_path, "--http-port", str(self.port), start_timeout=120)
 
     def cpu_seconds(self) -> float:
         """utime + stime of the server process itself (not its workers): where /metrics is served."""
         with open(f"/proc/{self.proc.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 class Scraper:

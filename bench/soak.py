@@ -40,8 +40,6 @@ import random
 import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -54,6 +52,8 @@ from multiprocessing.connection import wait as wait_connections
 from typing import Any
 
 import numpy as np
+
+from kernelport.server.process import ServerProcess, free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLUSH_S = 0.25
@@ -191,60 +191,6 @@ def client_main(kind: str, socket_path: str, grpc_url: str, models: list[str], w
 # ---- the server --------------------------------------------------------------------------------------
 
 
-class Server:
-    """`kernelport serve` in a subprocess; its output is kept (and shown if it fails to start)."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.lines: list[str] = []
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.command = [sys.executable, "-m", "kernelport.cli.main", "serve", *args]
-        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env)  # fmt: skip
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if "ready on" in line:
-                    ready.set()
-            ready.set()
-
-        self._pump = threading.Thread(target=pump, daemon=True)
-        self._pump.start()
-        if not ready.wait(180) or self.proc.poll() is not None:
-            self.kill()
-            raise RuntimeError("the server did not start:\n" + self.log())
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._pump.join(5)
-        return int(self.proc.returncode)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _rss_kib(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -263,7 +209,7 @@ def _server_status(socket_path: str) -> dict[str, Any]:
         return dict(c.server_status())
 
 
-def _sample(server: Server, socket_path: str, t0: float, label: str) -> dict[str, Any]:
+def _sample(server: ServerProcess, socket_path: str, t0: float, label: str) -> dict[str, Any]:
     pid = server.pid
     try:
         fds = len(os.listdir(f"/proc/{pid}/fd"))
@@ -353,10 +299,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     repo = os.path.join(workdir, "repo")
     build_example_repository(repo)
     socket_path = os.path.join(workdir, "kp.sock")
-    port = _free_port()
-    server_args = ["--model-repository", repo, "--socket", socket_path, "--grpc-port", str(port),
-                   "--max-restarts", str(args.max_restarts), "--restart-backoff-ms", str(args.restart_backoff_ms)]
-    server = Server(server_args)
+    port = free_port()
+    server = ServerProcess(repo, socket_path, "--grpc-port", str(port), "--max-restarts", str(args.max_restarts),
+                           "--restart-backoff-ms", str(args.restart_backoff_ms))
     grpc_url = f"127.0.0.1:{port}"
     t0 = time.monotonic()
     samples = [_sample(server, socket_path, t0, "start")]
@@ -463,7 +408,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _report(args: argparse.Namespace, models: list[str], collected: Collected, worker_kills: list[dict[str, Any]],
-            client_kills: list[dict[str, Any]], samples: list[dict[str, Any]], t0: float, server: Server,
+            client_kills: list[dict[str, Any]], samples: list[dict[str, Any]], t0: float, server: ServerProcess,
             server_alive: bool, exit_code: int, log: str) -> dict[str, Any]:
     # One table of all records: model, start, end, outcome name, transport.
     model_idx, starts, ends, outcome_names, kinds = [], [], [], [], []

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 
 import pytest
 
 from kernelport.examples import build_example_repository
+from kernelport.server.process import ServerProcess, free_port  # noqa: F401 (tests import them from here)
 
 
 # The example model repository (add_sub, add_sub_nobatch, mlp, identity_16m), built once per test session.
@@ -49,56 +46,6 @@ def add_sub_variant(repo: str, name: str, batching: str) -> None:
     head = text.split("dynamic_batching")[0].replace('name: "add_sub"', f'name: "{name}"')
     with open(os.path.join(dst, "config.pbtxt"), "w") as f:
         f.write(head + batching)
-
-
-class ServerProcess:
-    """`kernelport serve` in a subprocess, on a unix socket in a temp dir."""
-
-    def __init__(self, repo: str, socket_path: str, *extra: str) -> None:
-        self.socket_path = socket_path
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernelport.cli.main", "serve", "--model-repository", repo,
-             "--socket", socket_path, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if "ready on" in line:
-                    ready.set()
-            ready.set()
-
-        self._pump = threading.Thread(target=pump, daemon=True)
-        self._pump.start()
-        if not ready.wait(120) or self.proc.poll() is not None:
-            self.kill()
-            raise RuntimeError("server did not start:\n" + "".join(self.lines))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._pump.join(5)
-        return int(self.proc.returncode)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture(scope="session")

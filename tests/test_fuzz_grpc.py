@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import struct
 import time
 import uuid
@@ -30,7 +29,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from conftest import ServerProcess
+from conftest import ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -141,10 +140,6 @@ def fuzz_repo(example_repo: str, tmp_path_factory: pytest.TempPathFactory) -> st
     return repo
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -161,7 +156,7 @@ def target(fuzz_repo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     sock = str(tmp_path_factory.mktemp("fuzz_sock") / "kp.sock")
     proc = None
     for attempt in range(3):
-        port = _free_port()
+        port = free_port()
         try:
             proc = ServerProcess(fuzz_repo, sock, "--grpc-port", str(port), "--allow-client-shm",
                                  "--max-restarts", "1000")  # fmt: skip

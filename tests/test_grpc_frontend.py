@@ -12,7 +12,6 @@ import base64
 import os
 import queue
 import shutil
-import socket
 import struct
 import threading
 import time
@@ -30,7 +29,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import ServerProcess, add_sub_variant
+from conftest import ServerProcess, add_sub_variant, free_port
 from kernelport import Client
 from kernelport.protocol import message_class
 from kernelport.repository import parse_config
@@ -137,10 +136,6 @@ def _repo_models(repo: str) -> set[str]:
     return {d for d in os.listdir(repo) if os.path.isfile(os.path.join(repo, d, "config.pbtxt"))}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -157,7 +152,7 @@ def _start_server(repo: str, sock: str, *extra: str) -> GrpcServer:
     # The free port is found by binding port 0 and closing it; another process may take it in between, so a
     # start that fails to listen is tried again on a new port.
     for attempt in range(3):
-        port = _free_port()
+        port = free_port()
         try:
             proc = ServerProcess(repo, sock, "--grpc-port", str(port), *extra)
         except RuntimeError as e:

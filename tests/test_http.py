@@ -26,7 +26,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import ServerProcess, add_sub_variant
+from conftest import ServerProcess, add_sub_variant, free_port
 from kernelport import Client
 
 pytestmark = pytest.mark.timeout(120)
@@ -90,10 +90,6 @@ def _write_models(repo: str) -> None:
     add_sub_variant(repo, "add_sub_reload", "dynamic_batching {\n  max_queue_delay_microseconds: 0\n}\n")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -122,7 +118,7 @@ def http_repo(served_repo: str, tmp_path_factory: pytest.TempPathFactory) -> str
 def srv(http_repo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     sock = str(tmp_path_factory.mktemp("http_sock") / "kp.sock")
     for attempt in range(3):  # a free port may be taken between finding it and binding it: try again
-        hp, gp = _free_port(), _free_port()
+        hp, gp = free_port(), free_port()
         try:
             proc = ServerProcess(http_repo, sock, "--http-port", str(hp), "--grpc-port", str(gp),
                                  "--http-max-body-mb", str(MAX_BODY_MB))

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import threading
 import time
 import types
@@ -27,7 +26,7 @@ import numpy as np
 import pytest
 
 from _clients import claim_then_hang
-from conftest import ServerProcess
+from conftest import ServerProcess, free_port
 from kernelport import Client
 from kernelport.metrics import MetricFamily, NvmlMetrics, render
 
@@ -153,10 +152,6 @@ def _write_add_var(repo: str) -> None:
 LANE_SLOTS = 5
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -172,7 +167,7 @@ class HttpServer:
 def start_http_server(repo: str, sock: str, *extra: str) -> HttpServer:
     # The free port is found by binding port 0 and closing it; another process may take it in between.
     for attempt in range(3):
-        port = _free_port()
+        port = free_port()
         try:
             proc = ServerProcess(repo, sock, "--http-port", str(port), *extra)
         except RuntimeError as e:

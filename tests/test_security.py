@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -27,7 +26,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import ServerProcess
+from conftest import ServerProcess, free_port
 from kernelport.errors import ConfigError
 from kernelport.protocol.auth import GROUPS, METHOD_GROUPS, TokenTable
 
@@ -136,10 +135,6 @@ def sec_repo(example_repo: str, tmp_path_factory: pytest.TempPathFactory) -> str
     return repo
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -156,7 +151,7 @@ class Served:
 def _start(repo: str, sock: str, *extra: str) -> Served:
     # A port found free may be taken before the server binds it: try again on another.
     for attempt in range(3):
-        port = _free_port()
+        port = free_port()
         try:
             proc = ServerProcess(repo, sock, "--grpc-port", str(port), "--max-restarts", "100", *extra)
         except RuntimeError as e:
@@ -343,7 +338,7 @@ def _serve_fails(repo: str, sock: str, *args: str) -> str:
 
 def test_startup_refuses_bad_security_options(sec_repo: str, certs: Certs, tmp_path: Any) -> None:
     sock = str(tmp_path / "kp.sock")
-    port = ["--grpc-port", str(_free_port())]
+    port = ["--grpc-port", str(free_port())]
     err = _serve_fails(sec_repo, sock, *port, "--grpc-tls-cert", certs.server_cert)
     assert "certificate and its private key" in err
     err = _serve_fails(sec_repo, sock, *port, "--grpc-tls-cert", certs.server_cert, "--grpc-tls-key", certs.client_key)

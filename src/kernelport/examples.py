@@ -5,7 +5,7 @@
 Models (all ONNX opset 17, IR version 8, platform onnxruntime_onnx):
 
 - ``add_sub``: INPUT0, INPUT1 FP32 [16] -> OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1;
-  max_batch_size 16, dynamic batching with a 100 us window.
+  max_batch_size 16, dynamic batching with a zero window (batch what waits, never hold a lone request).
 - ``add_sub_nobatch``: the same graph without a batch dim (max_batch_size 0), one request per run.
 - ``mlp``: INPUT0 FP32 [512] -> MatMul 512x2048 + bias -> Relu -> MatMul 2048x512 + bias -> OUTPUT0 FP32 [512];
   max_batch_size 16, preferred batch 16, 200 us window. Weights from numpy default_rng(0), scaled so that

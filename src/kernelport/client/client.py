@@ -170,7 +170,8 @@ class Client:
         for attempt in (0, 1):
             view = self._lane(m, shapes, caps)
             try:
-                return view.run(self.owner, arrays, n, timeout or self.timeout, model, outputs, self._check_alive,
+                limit = self.timeout if timeout is None else timeout
+                return view.run(self.owner, arrays, n, limit, model, outputs, self._check_alive,
                                 m.info.queue_timeout(queue_timeout))
             except (_kpcore.LaneRetired, ModelNotReadyError):
                 # the lane was retired or its worker restarted: ask once more
@@ -298,12 +299,12 @@ class AsyncClient:
         return cls(await asyncio.to_thread(Client, socket_path, timeout))
 
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
-                    timeout: float | None = None) -> dict[str, np.ndarray]:
-        return await asyncio.to_thread(self._client.infer, model, inputs, outputs, timeout)
+                    timeout: float | None = None, queue_timeout: float | None = None) -> dict[str, np.ndarray]:
+        return await asyncio.to_thread(self._client.infer, model, inputs, outputs, timeout, queue_timeout)
 
     async def request(self, model: str, batch: int = 1, shapes: Mapping[str, Sequence[int]] | None = None,
-                      timeout: float | None = None) -> AsyncInferRequest:
-        req = await asyncio.to_thread(self._client.request, model, batch, shapes, timeout)
+                      timeout: float | None = None, queue_timeout: float | None = None) -> AsyncInferRequest:
+        req = await asyncio.to_thread(self._client.request, model, batch, shapes, timeout, queue_timeout)
         return AsyncInferRequest(req)
 
     async def model_ready(self, model: str) -> bool:
