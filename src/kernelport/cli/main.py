@@ -18,6 +18,15 @@ def _serve(args: argparse.Namespace) -> int:
 
         names = build_example_repository(args.model_repository)
         logging.getLogger("kernelport").info("example models in %s: %s", args.model_repository, ", ".join(names))
+    if args.load_model and args.model_control_mode != "explicit":
+        print("kernelport: --load-model needs --model-control-mode explicit", file=sys.stderr)
+        return 2
+    if args.repository_poll_secs is not None and args.model_control_mode != "poll":
+        print("kernelport: --repository-poll-secs needs --model-control-mode poll", file=sys.stderr)
+        return 2
+    if args.repository_poll_secs is not None and args.repository_poll_secs <= 0:
+        print("kernelport: --repository-poll-secs must be > 0", file=sys.stderr)
+        return 2
     options = ServerOptions(
         repository=os.path.abspath(args.model_repository),
         socket_path=os.path.abspath(args.socket),
@@ -29,6 +38,9 @@ def _serve(args: argparse.Namespace) -> int:
         restart_backoff=args.restart_backoff_ms / 1000.0,
         log_level=args.log_level,
         allow_other_users=args.allow_other_users,
+        model_control_mode=args.model_control_mode,
+        load_models=tuple(args.load_model),
+        poll_secs=args.repository_poll_secs if args.repository_poll_secs is not None else 15.0,
     )
     security = {
         "grpc_tls_cert": args.grpc_tls_cert, "grpc_tls_key": args.grpc_tls_key,
@@ -93,6 +105,17 @@ def main(argv: list[str] | None = None) -> int:
                         "(server/model metadata, config, model ready, statistics, repository index), "
                         "repository (load/unload), shm (shared-memory register/unregister/status), health "
                         "(server live/ready, grpc.health), or '*' for every RPC; groups not listed stay open")
+    s.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default=None,
+                   help="none: load every model at start, refuse load/unload requests (Triton's default); "
+                        "explicit: load only the --load-model ones at start, allow load/unload; poll: load every "
+                        "model, rescan the repository every --repository-poll-secs (load new models, unload "
+                        "removed ones, reload changed ones), refuse load/unload. Not given: load every model "
+                        "AND allow load/unload (unlike Triton, whose default 'none' refuses them, so that "
+                        "`kernelport models load/unload` works without a flag)")
+    s.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="with --model-control-mode explicit: a model to load at start (repeatable; '*': all)")
+    s.add_argument("--repository-poll-secs", type=float, default=None, metavar="N",
+                   help="with --model-control-mode poll: seconds between rescans of the repository (default 15)")
     s.add_argument("--commit-timeout-ms", type=float, default=500.0,
                    help="how long a claimed row may stay uncommitted before its batch runs without it")
     s.add_argument("--lane-slots", type=int, default=8,

@@ -17,7 +17,7 @@ import numpy as np
 
 import _kpcore
 from kernelport.client.lanes import SERVER_OWNER, ModelInfo, check_outputs, validate_inputs
-from kernelport.errors import KernelPortError, ModelNotFoundError
+from kernelport.errors import KernelPortError, ModelNotFoundError, ModelNotReadyError, ServerUnavailableError
 from kernelport.repository import ModelSpec, load_model, load_repository, validate_model_name
 from kernelport.server.models import READY, UNAVAILABLE, ModelRuntime, ServerOptions, scrub_paths
 from kernelport.server.stats import StatsSnapshot, snapshot_from_counters
@@ -33,47 +33,133 @@ class DataPlane:
         self.models: dict[str, ModelRuntime] = {}
         self.load_errors: dict[str, str] = {}
         self.lock = threading.RLock()
+        self.control_lock = threading.RLock()  # one load, unload or rescan at a time
+        self.signatures: dict[str, tuple[tuple[str, int, int], ...]] = {}  # poll mode: files last seen
 
     # ---- repository ----
 
     def load_all(self) -> None:
+        """The models to serve at start: every one, or in explicit mode those of `load_models` ("*": all)."""
+        mode = self.options.model_control_mode
         errors: dict[str, Any] = {}
+        signatures = {name: model_signature(self.options.repository, name) for name in self._model_dirs()}
         entries = load_repository(self.options.repository, errors)
+        wanted = set(self.options.load_models)
+        selected = mode != "explicit" or "*" in wanted
         for name, err in errors.items():
-            log.error("model '%s' not loaded: %s", name, err)
-            self.load_errors[name] = str(err)
+            if selected or name in wanted:
+                log.error("model '%s' not loaded: %s", name, err)
+                self.load_errors[name] = str(err)
+        if not selected:
+            for name in sorted(wanted - set(entries) - set(errors)):
+                log.error("model '%s' (--load-model) is not in the model repository", name)
         for name in entries:
+            if not selected and name not in wanted:
+                continue
             try:
-                self.load(name)
+                self._load(name)
             except KernelPortError as e:
                 log.error("model '%s' not loaded: %s", name, e)
+        if mode == "poll":
+            self.signatures = signatures
+
+    def _check_control(self, name: str) -> None:
+        mode = self.options.model_control_mode
+        if mode in ("none", "poll"):
+            # Triton answers UNAVAILABLE here too
+            raise ServerUnavailableError(
+                f"model '{name}': explicit model load / unload is not allowed in model control mode '{mode}' "
+                "(start the server with --model-control-mode explicit)")
 
     def load(self, name: str) -> None:
-        validate_model_name(name)
-        if not os.path.isdir(os.path.join(self.options.repository, name)):
-            raise ModelNotFoundError(f"model '{name}' is not in the model repository")
-        entry = load_model(self.options.repository, name)
-        with self.lock:
-            old = self.models.get(name)
-        if old is not None:
-            old.unload()
-        rt = ModelRuntime(entry, self.options)
-        with self.lock:
-            self.models[name] = rt
-        try:
-            rt.load()
-        except KernelPortError as e:
-            self.load_errors[name] = str(e)
-            raise
-        except Exception as e:
-            message = scrub_paths(str(e), self.options.repository)
-            self.load_errors[name] = message
-            raise KernelPortError(f"model '{name}' failed to load: {message}") from None
-        self.load_errors.pop(name, None)
+        """A load request (gRPC, HTTP, local socket): refused in the none and poll modes."""
+        self._check_control(name)
+        self._load(name)
 
     def unload(self, name: str) -> None:
-        rt = self._runtime(name)
+        """An unload request: refused in the none and poll modes."""
+        self._check_control(name)
+        with self.control_lock:
+            self._runtime(name).unload()
+
+    def _load(self, name: str) -> None:
+        """(Re)load a model. A model that is READY keeps serving until its replacement is ready, and
+        stays if the replacement fails to load (as Triton does); requests then move to the new one."""
+        validate_model_name(name)
+        with self.control_lock:
+            if not os.path.isdir(os.path.join(self.options.repository, name)):
+                raise ModelNotFoundError(f"model '{name}' is not in the model repository")
+            entry = load_model(self.options.repository, name)
+            with self.lock:
+                old = self.models.get(name)
+            keep_old = old is not None and old.state == READY
+            if old is not None and not keep_old:
+                old.unload()
+            rt = ModelRuntime(entry, self.options)
+            if not keep_old:
+                with self.lock:
+                    self.models[name] = rt
+            try:
+                rt.load()
+            except KernelPortError as e:
+                self.load_errors[name] = str(e)
+                if keep_old:
+                    log.error("model '%s': reload failed, the loaded one keeps serving: %s", name, e)
+                raise
+            except Exception as e:
+                message = scrub_paths(str(e), self.options.repository)
+                self.load_errors[name] = message
+                raise KernelPortError(f"model '{name}' failed to load: {message}") from None
+            if keep_old:
+                assert old is not None
+                with self.lock:
+                    self.models[name] = rt
+                self._retire(old)
+                log.info("model '%s': reloaded", name)
+            self.load_errors.pop(name, None)
+
+    def _retire(self, rt: ModelRuntime) -> None:
+        """A replaced model: its lanes are retired (clients ask again and get the new model's), the
+        requests already claimed on them finish (for at most the exit timeout), then its workers stop."""
+        rt.start_draining()
+        deadline = time.monotonic() + self.options.exit_timeout
+        while rt.busy_lanes() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the server's own wait for requests in flight, not a client's synchronisation
         rt.unload()
+
+    # ---- poll mode ----
+
+    def _model_dirs(self) -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(self.options.repository)
+                          if not e.name.startswith(".") and e.is_dir())
+        except OSError:
+            return []
+
+    def poll_repository(self) -> None:
+        """One rescan (poll mode): new model directories are loaded, removed ones unloaded and
+        forgotten, and those whose files changed (names, sizes, modification times) reloaded."""
+        with self.control_lock:
+            seen = {name: model_signature(self.options.repository, name) for name in self._model_dirs()}
+            for name in sorted(set(self.signatures) - set(seen)):
+                log.info("model '%s': removed from the repository; unloading it", name)
+                with self.lock:
+                    rt = self.models.pop(name, None)
+                self.load_errors.pop(name, None)
+                if rt is not None:
+                    self._retire(rt)
+                del self.signatures[name]
+            for name, sig in seen.items():
+                if self.signatures.get(name) == sig:
+                    continue
+                log.info("model '%s': %s in the repository; loading it", name,
+                         "changed" if name in self.signatures else "new")
+                self.signatures[name] = sig
+                try:
+                    self._load(name)
+                except KernelPortError as e:
+                    self.load_errors[name] = str(e)
+                    log.error("model '%s' not loaded: %s", name, e)
 
     def repository_index(self) -> list[tuple[str, str, str, str]]:
         out: list[tuple[str, str, str, str]] = []
@@ -162,17 +248,37 @@ class DataPlane:
               timeout: float | None = None, queue_timeout: float | None = None) -> dict[str, np.ndarray]:
         """`queue_timeout` (seconds): the request's own queue timeout, honoured when the model's queue
         policy allows overriding its default."""
-        rt = self._runtime(name)
-        info = rt.require_ready()
-        n, shapes, arrays, caps = validate_inputs(info, inputs)
-        if outputs is not None:
-            check_outputs(info, outputs)
-        qt = info.queue_timeout(queue_timeout)
-        if timeout:  # a request whose caller stops waiting (gRPC deadline) is not run after that
-            qt = min(qt, timeout) if qt else timeout
-        try:
-            lane = rt.lane_for(shapes, caps)
-            return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None, qt)
-        except _kpcore.LaneRetired:  # evicted between lookup and claim: the next lookup makes a new one
-            lane = rt.lane_for(shapes, caps)
-            return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None, qt)
+        for attempt in (0, 1):
+            rt = self._runtime(name)
+            info = rt.require_ready()
+            n, shapes, arrays, caps = validate_inputs(info, inputs)
+            if outputs is not None:
+                check_outputs(info, outputs)
+            qt = info.queue_timeout(queue_timeout)
+            if timeout:  # a request whose caller stops waiting (gRPC deadline) is not run after that
+                qt = min(qt, timeout) if qt else timeout
+            try:
+                lane = rt.lane_for(shapes, caps)
+                return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None, qt)
+            except (_kpcore.LaneRetired, ModelNotReadyError) as e:
+                # evicted, or the model was reloaded meanwhile: the next lookup finds the new lane or model
+                replaced = self.models.get(name) is not rt
+                if attempt or not (isinstance(e, _kpcore.LaneRetired) or replaced):
+                    raise
+        raise AssertionError("unreachable")
+
+
+def model_signature(repository: str, name: str) -> tuple[tuple[str, int, int], ...]:
+    """What poll mode compares: every file and directory under the model's, with size and mtime."""
+    root = os.path.join(repository, name)
+    out: list[tuple[str, int, int]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for entry in sorted(filenames) + dirnames:
+            path = os.path.join(dirpath, entry)
+            try:
+                st = os.stat(path)
+            except OSError:  # removed meanwhile: the next rescan sees the rest
+                continue
+            out.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
+    return tuple(out)

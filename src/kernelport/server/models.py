@@ -16,11 +16,28 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import send_handle
 from typing import Any
 
+import numpy as np
+
 import _kpcore
 from kernelport.client.bytes_codec import capacity_for
-from kernelport.client.lanes import LaneLayout, LaneView, ModelInfo, TensorInfo, lane_key
+from kernelport.client.lanes import (
+    SERVER_OWNER,
+    LaneLayout,
+    LaneView,
+    ModelInfo,
+    TensorInfo,
+    lane_key,
+    validate_inputs,
+)
 from kernelport.errors import ConfigError, InvalidInputError, KernelPortError, ModelNotReadyError
-from kernelport.repository import ModelEntry, ModelSpec, TensorSig, complete_config
+from kernelport.repository import (
+    ModelEntry,
+    ModelSpec,
+    TensorSig,
+    complete_config,
+    config_type_to_datatype,
+    config_type_to_numpy,
+)
 
 log = logging.getLogger("kernelport.server")
 
@@ -47,6 +64,12 @@ class ServerOptions:
     exit_timeout: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
     max_restarts: int = 5  # worker crashes within a minute before the server stops restarting a model
     restart_backoff: float = 0.25  # seconds before the first restart, doubled after each crash, at most 8 s
+    # None: load every model at start and allow load/unload (KernelPort's default); "none": load every
+    # model, refuse load/unload (Triton's default); "explicit": load `load_models` ("*": all) at start,
+    # allow load/unload; "poll": load every model, rescan the repository every `poll_secs`, refuse load/unload
+    model_control_mode: str | None = None
+    load_models: tuple[str, ...] = ()
+    poll_secs: float = 15.0
 
 
 class WorkerError(KernelPortError):
@@ -147,6 +170,7 @@ class ModelRuntime:
         t0 = time.monotonic()
         try:
             self._load()
+            self._warmup()
         except BaseException as e:
             self.state = UNAVAILABLE
             self.reason = scrub_paths(str(e), self.options.repository)
@@ -240,6 +264,25 @@ class ModelRuntime:
                     os.close(fd)
             w.bell = self.doorbell
 
+    def _warmup(self) -> None:
+        """Run the config's model_warmup samples through the model's lanes, as requests of the server
+        (they count in the model's statistics), after the workers start and before the model is READY."""
+        assert self.info is not None
+        info = self.info
+        for sample in self.entry.config.model_warmup:
+            label = f"model '{self.name}' warmup sample '{sample.name}'"
+            try:
+                inputs = warmup_inputs(sample, info, self.entry.path, label)
+                n, shapes, arrays, caps = validate_inputs(info, inputs)
+                for _ in range(max(1, int(sample.count))):
+                    lane = self._lane_for(info, shapes, caps)
+                    lane.view.run(SERVER_OWNER, arrays, n, self.options.load_timeout, self.name)
+            except KernelPortError as e:
+                raise type(e)(f"{label} failed: {e}") from None
+            except Exception as e:  # the backend's own error, as the worker reported it
+                raise KernelPortError(f"{label} failed: {e}") from None
+            log.info("%s: ran %d time(s)", label, max(1, int(sample.count)))
+
     def start_draining(self) -> None:
         """Shutdown: no new requests (clients get LaneRetired, then a not-ready error); those already
         claimed finish."""
@@ -309,10 +352,14 @@ class ModelRuntime:
 
     def lane_for(self, shapes: tuple[tuple[int, ...], ...], caps: tuple[int, ...] = ()) -> LaneEntry:
         """The lane for these per-sample input shapes (and BYTES element capacities), created on first use."""
-        info = self.require_ready()
+        return self._lane_for(self.require_ready(), shapes, caps)
+
+    def _lane_for(self, info: ModelInfo, shapes: tuple[tuple[int, ...], ...], caps: tuple[int, ...]) -> LaneEntry:
         caps = caps or (0,) * len(shapes)
         key = lane_key(shapes, caps)
         with self.lock:
+            if self.state not in (READY, LOADING):  # draining: start_draining retires lanes under this lock
+                raise ModelNotReadyError(f"model '{self.name}' is not ready: {self.reason or self.state}")
             entry = self.lanes.get(key)
             if entry is not None:
                 entry.last_used = time.monotonic()
@@ -399,6 +446,72 @@ class ModelRuntime:
         return total
 
 
+def warmup_inputs(sample: Any, info: ModelInfo, model_dir: str, label: str) -> dict[str, np.ndarray]:
+    """The tensors of one model_warmup sample, as Triton makes them: [batch_size, *dims] (dims alone
+    without batching) of zeros, random values, or the raw bytes of `<model dir>/warmup/<file>` (one
+    sample's worth, repeated for every row)."""
+    batching = info.max_batch_size > 0
+    batch_size = int(sample.batch_size) if sample.batch_size else 1
+    if batching and not 1 <= batch_size <= info.max_batch_size:
+        raise ConfigError(f"{label}: batch_size {batch_size} must be in 1..{info.max_batch_size}")
+    if not batching and batch_size != 1:
+        raise ConfigError(f"{label}: batch_size must be 1 for a model without batching, got {batch_size}")
+    rng = np.random.default_rng(0)
+    out: dict[str, np.ndarray] = {}
+    for name, spec in sample.inputs.items():
+        dims = tuple(int(d) for d in spec.dims)
+        if any(d < 0 for d in dims):
+            raise ConfigError(f"{label} input '{name}': dims {list(dims)} must be fixed")
+        shape = ((batch_size,) if batching else ()) + dims
+        try:
+            datatype = config_type_to_datatype(int(spec.data_type))
+            dtype = config_type_to_numpy(int(spec.data_type))
+        except ValueError:
+            raise ConfigError(f"{label} input '{name}': data_type is not set") from None
+        is_bytes = datatype == "BYTES"
+        if dtype is None and not is_bytes:
+            raise ConfigError(f"{label} input '{name}': data_type {datatype} is not supported for warmup")
+        kind = spec.WhichOneof("input_data_type")
+        if kind is None:
+            raise ConfigError(f"{label} input '{name}': needs zero_data, random_data or input_data_file")
+        if is_bytes:
+            if kind == "input_data_file":
+                raise ConfigError(f"{label} input '{name}': input_data_file is not supported for BYTES yet")
+            out[name] = np.full(shape, b"", dtype=object)  # as Triton: empty strings for zero and random
+            continue
+        assert dtype is not None
+        if kind == "zero_data":
+            out[name] = np.zeros(shape, dtype)
+        elif kind == "random_data":
+            if dtype.kind == "f":
+                out[name] = rng.random(shape).astype(dtype)
+            elif dtype.kind == "b":
+                out[name] = rng.integers(0, 2, shape).astype(dtype)
+            else:
+                out[name] = rng.integers(0, 10, shape).astype(dtype)
+        else:
+            out[name] = _warmup_file(spec.input_data_file, model_dir, dtype, dims, shape, f"{label} input '{name}'")
+    return out
+
+
+def _warmup_file(filename: str, model_dir: str, dtype: np.dtype[Any], dims: tuple[int, ...],
+                 shape: tuple[int, ...], label: str) -> np.ndarray:
+    warmup_dir = os.path.realpath(os.path.join(model_dir, "warmup"))
+    path = os.path.realpath(os.path.join(warmup_dir, filename))
+    if not filename or os.path.dirname(path) != warmup_dir:
+        raise ConfigError(f"{label}: input_data_file {filename!r} must name a file in the model's warmup/ directory")
+    need = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    try:
+        with open(path, "rb") as f:
+            data = f.read(need)
+    except OSError:
+        raise ConfigError(f"{label}: cannot read warmup/{filename}") from None
+    if len(data) < need:
+        raise ConfigError(f"{label}: warmup/{filename} holds {len(data)} bytes, one sample needs {need}")
+    one = np.frombuffer(data, dtype).reshape(dims)
+    return np.ascontiguousarray(np.broadcast_to(one, shape))
+
+
 def _policy_overrides(params: dict[str, str]) -> dict[str, Any]:
     """Worker spin tuning from the config's parameters (kernelport.* keys)."""
     out: dict[str, Any] = {}
@@ -414,7 +527,7 @@ def _policy_overrides(params: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["LaneEntry", "ModelRuntime", "ServerOptions", "WorkerHandle", "batch_policy"]
+__all__ = ["LaneEntry", "ModelRuntime", "ServerOptions", "WorkerHandle", "batch_policy", "warmup_inputs"]
 
 
 def _queue_policy(config: Any) -> dict[str, Any]:

@@ -52,6 +52,18 @@ class Server:
         m = threading.Thread(target=self._monitor_workers, name="kp-monitor", daemon=True)
         m.start()
         self.threads.append(m)
+        if self.options.model_control_mode == "poll":
+            p = threading.Thread(target=self._poll_repository, name="kp-poll", daemon=True)
+            p.start()
+            self.threads.append(p)
+
+    def _poll_repository(self) -> None:
+        """Poll mode: rescan the repository every poll_secs until the server stops."""
+        while not self.stopping.wait(self.options.poll_secs):
+            try:
+                self.dataplane.poll_repository()
+            except Exception:  # keep polling: a rescan that fails is reported and tried again
+                log.exception("repository rescan failed")
 
     def _bind(self) -> None:
         path = self.options.socket_path
