@@ -29,7 +29,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import ServerProcess, add_sub_variant, free_port
+from conftest import ServerProcess, add_sub_variant
 from kernelport import Client
 from kernelport.protocol import message_class
 from kernelport.repository import parse_config
@@ -149,18 +149,8 @@ class GrpcServer:
 
 
 def _start_server(repo: str, sock: str, *extra: str) -> GrpcServer:
-    # The free port is found by binding port 0 and closing it; another process may take it in between, so a
-    # start that fails to listen is tried again on a new port.
-    for attempt in range(3):
-        port = free_port()
-        try:
-            proc = ServerProcess(repo, sock, "--grpc-port", str(port), *extra)
-        except RuntimeError as e:
-            if "cannot listen" in str(e) and attempt < 2:
-                continue
-            raise
-        return GrpcServer(proc, f"127.0.0.1:{port}")
-    raise AssertionError("unreachable")
+    proc = ServerProcess.with_ports(repo, sock, *extra, grpc=True)
+    return GrpcServer(proc, f"127.0.0.1:{proc.grpc_port}")
 
 
 def _stop_server(server: GrpcServer) -> None:

@@ -26,7 +26,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import ServerProcess, add_sub_variant, free_port
+from conftest import ServerProcess, add_sub_variant
 from kernelport import Client
 
 pytestmark = pytest.mark.timeout(120)
@@ -117,16 +117,9 @@ def http_repo(served_repo: str, tmp_path_factory: pytest.TempPathFactory) -> str
 @pytest.fixture(scope="module")
 def srv(http_repo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     sock = str(tmp_path_factory.mktemp("http_sock") / "kp.sock")
-    for attempt in range(3):  # a free port may be taken between finding it and binding it: try again
-        hp, gp = free_port(), free_port()
-        try:
-            proc = ServerProcess(http_repo, sock, "--http-port", str(hp), "--grpc-port", str(gp),
-                                 "--http-max-body-mb", str(MAX_BODY_MB))
-            break
-        except RuntimeError as e:
-            if "cannot listen" not in str(e) or attempt == 2:
-                raise
-    servers = Servers(proc, hp, gp)
+    proc = ServerProcess.with_ports(http_repo, sock, "--http-max-body-mb", str(MAX_BODY_MB), grpc=True, http=True)
+    assert proc.http_port is not None and proc.grpc_port is not None
+    servers = Servers(proc, proc.http_port, proc.grpc_port)
     yield servers
     code = proc.stop()
     assert code == 0, proc.log()

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from _clients import claim_then_hang
-from conftest import ServerProcess, free_port
+from conftest import ServerProcess
 from kernelport import Client
 from kernelport.metrics import MetricFamily, NvmlMetrics, render
 
@@ -165,17 +165,8 @@ class HttpServer:
 
 
 def start_http_server(repo: str, sock: str, *extra: str) -> HttpServer:
-    # The free port is found by binding port 0 and closing it; another process may take it in between.
-    for attempt in range(3):
-        port = free_port()
-        try:
-            proc = ServerProcess(repo, sock, "--http-port", str(port), *extra)
-        except RuntimeError as e:
-            if "cannot listen" in str(e) and attempt < 2:
-                continue
-            raise
-        return HttpServer(proc, f"http://127.0.0.1:{port}")
-    raise AssertionError("unreachable")
+    proc = ServerProcess.with_ports(repo, sock, *extra, http=True)
+    return HttpServer(proc, f"http://127.0.0.1:{proc.http_port}")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,32 @@ class ServerProcess:
     """Starts `kernelport serve --model-repository REPO --socket PATH [extra...]` and waits for its ready
     line; keeps its output (shown when it fails to start). `stop()` sends SIGTERM and returns the exit code."""
 
+    grpc_port: int | None = None
+    http_port: int | None = None
+
+    @classmethod
+    def with_ports(cls, repository: str, socket_path: str, *extra: str, grpc: bool = False, http: bool = False,
+                   attempts: int = 3) -> ServerProcess:
+        """A server that also listens for gRPC and/or HTTP on free ports (`.grpc_port`, `.http_port`). A port
+        found free may be taken before the server binds it: a start that cannot listen is tried again."""
+        for attempt in range(attempts):
+            ports: list[str] = []
+            grpc_port = free_port() if grpc else None
+            http_port = free_port() if http else None
+            if grpc_port is not None:
+                ports += ["--grpc-port", str(grpc_port)]
+            if http_port is not None:
+                ports += ["--http-port", str(http_port)]
+            try:
+                server = cls(repository, socket_path, *ports, *extra)
+            except RuntimeError as e:
+                if "cannot listen" in str(e) and attempt < attempts - 1:
+                    continue
+                raise
+            server.grpc_port, server.http_port = grpc_port, http_port
+            return server
+        raise AssertionError("unreachable")
+
     def __init__(self, repository: str, socket_path: str, *extra: str, start_timeout: float = 180.0) -> None:
         self.socket_path = socket_path
         self.lines: list[str] = []
