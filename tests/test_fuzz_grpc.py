@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from _models import write_identity_bytes, write_int_add
 from conftest import ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -85,58 +86,14 @@ MODELS = {
     )
 }  # fmt: skip
 
-INT_ADD_CONFIG = """name: "int_add"
-platform: "onnxruntime_onnx"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_INT32 dims: [ -1 ] },
-        { name: "INPUT1" data_type: TYPE_INT64 dims: [ -1 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_INT64 dims: [ -1 ] },
-         { name: "OUTPUT1" data_type: TYPE_INT32 dims: [ -1 ] } ]
-dynamic_batching { max_queue_delay_microseconds: 0 }
-"""
-IDENTITY_BYTES_CONFIG = """name: "identity_bytes"
-platform: "onnxruntime_onnx"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_STRING dims: [ 4 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_STRING dims: [ 4 ] } ]
-dynamic_batching { max_queue_delay_microseconds: 0 }
-"""
-
-
-def _write_onnx(repo: str, name: str, config: str, nodes: list[Any], inputs: list[Any], outputs: list[Any]) -> None:
-    import onnx
-    from onnx import helper
-
-    graph = helper.make_graph(nodes, name, inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    os.makedirs(os.path.join(repo, name, "1"))
-    onnx.save(model, os.path.join(repo, name, "1", "model.onnx"))
-    with open(os.path.join(repo, name, "config.pbtxt"), "w") as f:
-        f.write(config)
-
-
 @pytest.fixture(scope="module")
 def fuzz_repo(example_repo: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    from onnx import TensorProto, helper
-
     repo = str(tmp_path_factory.mktemp("fuzz_repo"))
     for name in ("add_sub", "add_sub_nobatch"):
         shutil.copytree(os.path.join(example_repo, name), os.path.join(repo, name))
-    vi = helper.make_tensor_value_info
-    _write_onnx(
-        repo, "int_add", INT_ADD_CONFIG,
-        [helper.make_node("Cast", ["INPUT0"], ["wide0"], to=TensorProto.INT64),
-         helper.make_node("Add", ["wide0", "INPUT1"], ["OUTPUT0"]),
-         helper.make_node("Add", ["INPUT0", "INPUT0"], ["OUTPUT1"])],
-        [vi("INPUT0", TensorProto.INT32, ["b", "n"]), vi("INPUT1", TensorProto.INT64, ["b", "n"])],
-        [vi("OUTPUT0", TensorProto.INT64, ["b", "n"]), vi("OUTPUT1", TensorProto.INT32, ["b", "n"])],
-    )  # fmt: skip
-    _write_onnx(
-        repo, "identity_bytes", IDENTITY_BYTES_CONFIG,
-        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
-        [vi("INPUT0", TensorProto.STRING, ["b", 4])], [vi("OUTPUT0", TensorProto.STRING, ["b", 4])],
-    )  # fmt: skip
+    batching = "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
+    write_int_add(repo, batching)
+    write_identity_bytes(repo, batching)
     return repo
 
 

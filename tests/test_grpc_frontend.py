@@ -29,6 +29,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from _models import write_identity_bytes, write_int_add
 from conftest import ServerProcess, add_sub_variant
 from kernelport import Client
 from kernelport.protocol import message_class
@@ -44,80 +45,8 @@ needs_bytes = pytest.mark.skipif(not BYTES_ON_LANES, reason="BYTES tensors on la
 # ------------------------------------------------------------------------------------------------------
 # models built for these tests, and the servers
 
-ONNX_OPSET = 17
-ONNX_IR_VERSION = 8
-
-# int_add: INPUT0 INT32 [-1], INPUT1 INT64 [-1] -> OUTPUT0 INT64 = int64(INPUT0) + INPUT1, OUTPUT1 INT32 = 2 * INPUT0.
-INT_ADD_CONFIG = """name: "int_add"
-platform: "onnxruntime_onnx"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_INT32 dims: [ -1 ] },
-        { name: "INPUT1" data_type: TYPE_INT64 dims: [ -1 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_INT64 dims: [ -1 ] },
-         { name: "OUTPUT1" data_type: TYPE_INT32 dims: [ -1 ] } ]
-"""
-# identity_bytes: ONNX Identity over a string tensor [-1,4].
-IDENTITY_BYTES_CONFIG = """name: "identity_bytes"
-platform: "onnxruntime_onnx"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_STRING dims: [ 4 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_STRING dims: [ 4 ] } ]
-"""
 # add_sub_reload: add_sub under another name, for the unload/load test only (no other test touches it).
 ADD_SUB_RELOAD_BATCHING = "dynamic_batching {\n  max_queue_delay_microseconds: 0\n}\n"
-
-
-def _write_onnx_model(
-    repo: str, name: str, config: str, nodes: list[Any], inputs: list[Any], outputs: list[Any]
-) -> None:
-    import onnx
-    from onnx import helper
-
-    graph = helper.make_graph(nodes, name, inputs, outputs)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=ONNX_IR_VERSION
-    )
-    onnx.checker.check_model(model)
-    os.makedirs(os.path.join(repo, name, "1"))
-    onnx.save(model, os.path.join(repo, name, "1", "model.onnx"))
-    with open(os.path.join(repo, name, "config.pbtxt"), "w") as f:
-        f.write(config)
-
-
-def _write_int_add(repo: str) -> None:
-    from onnx import TensorProto, helper
-
-    _write_onnx_model(
-        repo,
-        "int_add",
-        INT_ADD_CONFIG,
-        [
-            helper.make_node("Cast", ["INPUT0"], ["wide0"], to=TensorProto.INT64),
-            helper.make_node("Add", ["wide0", "INPUT1"], ["OUTPUT0"]),
-            helper.make_node("Add", ["INPUT0", "INPUT0"], ["OUTPUT1"]),
-        ],
-        [
-            helper.make_tensor_value_info("INPUT0", TensorProto.INT32, ["batch", "n"]),
-            helper.make_tensor_value_info("INPUT1", TensorProto.INT64, ["batch", "n"]),
-        ],
-        [
-            helper.make_tensor_value_info("OUTPUT0", TensorProto.INT64, ["batch", "n"]),
-            helper.make_tensor_value_info("OUTPUT1", TensorProto.INT32, ["batch", "n"]),
-        ],
-    )
-
-
-def _write_identity_bytes(repo: str) -> None:
-    from onnx import TensorProto, helper
-
-    _write_onnx_model(
-        repo,
-        "identity_bytes",
-        IDENTITY_BYTES_CONFIG,
-        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
-        [helper.make_tensor_value_info("INPUT0", TensorProto.STRING, ["batch", 4])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, ["batch", 4])],
-    )
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +54,10 @@ def grpc_repo(served_repo: str, tmp_path_factory: pytest.TempPathFactory) -> str
     """A copy of `served_repo` plus int_add, add_sub_reload (and identity_bytes once BYTES_ON_LANES)."""
     path = str(tmp_path_factory.mktemp("grpc_repository"))
     shutil.copytree(served_repo, path, dirs_exist_ok=True)
-    _write_int_add(path)
+    write_int_add(path)
     add_sub_variant(path, "add_sub_reload", ADD_SUB_RELOAD_BATCHING)
     if BYTES_ON_LANES:
-        _write_identity_bytes(path)
+        write_identity_bytes(path)
     return path
 
 

@@ -26,6 +26,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from _models import write_identity_bytes, write_int_add, write_onnx_model
 from conftest import ServerProcess, add_sub_variant
 from kernelport import Client
 
@@ -34,21 +35,6 @@ pytestmark = pytest.mark.timeout(120)
 # ------------------------------------------------------------------------------------------------------
 # models built here, and the server
 
-ONNX_OPSET = 17
-INT_ADD_CONFIG = """name: "int_add"
-platform: "onnxruntime_onnx"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_INT32 dims: [ -1 ] },
-        { name: "INPUT1" data_type: TYPE_INT64 dims: [ -1 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_INT64 dims: [ -1 ] },
-         { name: "OUTPUT1" data_type: TYPE_INT32 dims: [ -1 ] } ]
-"""
-IDENTITY_BYTES_CONFIG = """name: "identity_bytes"
-platform: "onnxruntime_onnx"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_STRING dims: [ 4 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_STRING dims: [ 4 ] } ]
-"""
 LOGICAL_NOT_CONFIG = """name: "logical_not"
 platform: "onnxruntime_onnx"
 max_batch_size: 0
@@ -57,34 +43,13 @@ output [ { name: "OUTPUT0" data_type: TYPE_BOOL dims: [ 2, 3 ] } ]
 """
 
 
-def _write_model(repo: str, name: str, config: str, nodes: list[Any], inputs: list[Any], outputs: list[Any]) -> None:
-    import onnx
-    from onnx import helper
-
-    graph = helper.make_graph(nodes, name, inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=8)
-    os.makedirs(os.path.join(repo, name, "1"))
-    onnx.save(model, os.path.join(repo, name, "1", "model.onnx"))
-    with open(os.path.join(repo, name, "config.pbtxt"), "w") as f:
-        f.write(config)
-
-
 def _write_models(repo: str) -> None:
     from onnx import TensorProto
     from onnx import helper as h
 
-    _write_model(repo, "int_add", INT_ADD_CONFIG, [
-        h.make_node("Cast", ["INPUT0"], ["wide0"], to=TensorProto.INT64),
-        h.make_node("Add", ["wide0", "INPUT1"], ["OUTPUT0"]),
-        h.make_node("Add", ["INPUT0", "INPUT0"], ["OUTPUT1"]),
-    ], [h.make_tensor_value_info("INPUT0", TensorProto.INT32, ["b", "n"]),
-        h.make_tensor_value_info("INPUT1", TensorProto.INT64, ["b", "n"])],
-        [h.make_tensor_value_info("OUTPUT0", TensorProto.INT64, ["b", "n"]),
-         h.make_tensor_value_info("OUTPUT1", TensorProto.INT32, ["b", "n"])])
-    _write_model(repo, "identity_bytes", IDENTITY_BYTES_CONFIG, [h.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
-                 [h.make_tensor_value_info("INPUT0", TensorProto.STRING, ["b", 4])],
-                 [h.make_tensor_value_info("OUTPUT0", TensorProto.STRING, ["b", 4])])
-    _write_model(repo, "logical_not", LOGICAL_NOT_CONFIG, [h.make_node("Not", ["INPUT0"], ["OUTPUT0"])],
+    write_int_add(repo)
+    write_identity_bytes(repo)
+    write_onnx_model(repo, "logical_not", LOGICAL_NOT_CONFIG, [h.make_node("Not", ["INPUT0"], ["OUTPUT0"])],
                  [h.make_tensor_value_info("INPUT0", TensorProto.BOOL, [2, 3])],
                  [h.make_tensor_value_info("OUTPUT0", TensorProto.BOOL, [2, 3])])
     add_sub_variant(repo, "add_sub_reload", "dynamic_batching {\n  max_queue_delay_microseconds: 0\n}\n")

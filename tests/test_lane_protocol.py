@@ -352,25 +352,27 @@ class LaneProtocolMachine(RuleBasedStateMachine):
         self.reqs.append(Req(li, seq, row, n, owner, in0, in1))
         del self.reqs[:-MAX_TRACKED]
 
-    @rule(client=st.integers(0, N_CLIENTS - 1), li=st.integers(0, 1), n=st.integers(1, 4))
-    def claim(self, client: int, li: int, n: int) -> None:
-        """claim(n, owner, timeout=0) and write the inputs; n = 4 does not fit lane 1 (max_batch 3)."""
+    def claim_and_write(self, client: int, li: int, n: int) -> tuple[Any, int]:
+        """claim(n, owner, timeout=0) on the C lane and the model, compared; the inputs written if it held."""
         owner = self.owners[client]
         h = self.lanes[li]
         got = outcome(h.lane.claim, n, owner, 0.0)
         self.agree(got, outcome(h.model.claim, n, owner), f"claim({n}, owner={owner}) on lane {li}")
         if got[0] == "ok":
             self.write_inputs(li, *got[1], n, owner)
+        return got, owner
+
+    @rule(client=st.integers(0, N_CLIENTS - 1), li=st.integers(0, 1), n=st.integers(1, 4))
+    def claim(self, client: int, li: int, n: int) -> None:
+        """claim(n, owner, timeout=0) and write the inputs; n = 4 does not fit lane 1 (max_batch 3)."""
+        self.claim_and_write(client, li, n)
 
     @rule(client=st.integers(0, N_CLIENTS - 1), li=st.integers(0, 1), n=st.integers(1, 3))
     def claim_and_commit(self, client: int, li: int, n: int) -> None:
         """The common path: claim, write, commit at once (no worker step in between)."""
-        owner = self.owners[client]
+        got, owner = self.claim_and_write(client, li, n)
         h = self.lanes[li]
-        got = outcome(h.lane.claim, n, owner, 0.0)
-        self.agree(got, outcome(h.model.claim, n, owner), f"claim({n}, owner={owner}) on lane {li}")
         if got[0] == "ok":
-            self.write_inputs(li, *got[1], n, owner)
             self.agree(outcome(h.lane.commit, *got[1], n, owner), outcome(h.model.commit, *got[1], n, owner),
                        f"commit({got[1]}, {n}, {owner})")
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from _clients import add_sub_worker, claim_then_hang
+from _models import write_identity_bytes, write_onnx_model
 from conftest import ServerProcess, child_pids
 from kernelport import (
     AsyncClient,
@@ -294,19 +295,6 @@ def test_server_gone_and_clean_shutdown(served_repo: str, tmp_path) -> None:
 # ---- shape-aware lanes, eviction and BYTES, on a server of their own ------------------------------------
 
 
-def _write_model(repo: str, name: str, graph_nodes: list, inputs: list, outputs: list, config: str) -> None:
-    import onnx
-    from onnx import helper
-
-    os.makedirs(os.path.join(repo, name, "1"), exist_ok=True)
-    graph = helper.make_graph(graph_nodes, name, inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, os.path.join(repo, name, "1", "model.onnx"))
-    with open(os.path.join(repo, name, "config.pbtxt"), "w") as f:
-        f.write(config)
-
-
 @pytest.fixture(scope="module")
 def shapes_server(tmp_path_factory):
     from onnx import TensorProto, helper
@@ -314,30 +302,22 @@ def shapes_server(tmp_path_factory):
     repo = str(tmp_path_factory.mktemp("shapes_repo"))
     two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
     # variable length per sample, output length follows the input's: the server asks the worker
-    _write_model(
+    write_onnx_model(
         repo, "scale",
-        [helper.make_node("Constant", [], ["c"], value=two), helper.make_node("Mul", ["INPUT0", "c"], ["OUTPUT0"])],
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, [None, None])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, [None, None])],
         'name: "scale"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
         'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
-        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\ndynamic_batching { }\n')
-    _write_model(
-        repo, "identity_bytes",
-        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
-        [helper.make_tensor_value_info("INPUT0", TensorProto.STRING, [None, 4])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, [None, 4])],
-        'name: "identity_bytes"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
-        'input [ { name: "INPUT0" data_type: TYPE_STRING dims: [ 4 ] } ]\n'
-        'output [ { name: "OUTPUT0" data_type: TYPE_STRING dims: [ 4 ] } ]\ndynamic_batching { }\n')
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\ndynamic_batching { }\n',
+        [helper.make_node("Constant", [], ["c"], value=two), helper.make_node("Mul", ["INPUT0", "c"], ["OUTPUT0"])],
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, [None, None])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, [None, None])])
+    write_identity_bytes(repo, "dynamic_batching { }\n")
     # no config.pbtxt at all: completed from the ONNX model (Triton's auto-complete)
-    _write_model(
-        repo, "auto_add",
+    write_onnx_model(
+        repo, "auto_add", "",
         [helper.make_node("Add", ["A", "B"], ["SUM"])],
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, 3]),
          helper.make_tensor_value_info("B", TensorProto.FLOAT, [None, 3])],
-        [helper.make_tensor_value_info("SUM", TensorProto.FLOAT, [None, 3])],
-        "")
+        [helper.make_tensor_value_info("SUM", TensorProto.FLOAT, [None, 3])])
     os.remove(os.path.join(repo, "auto_add", "config.pbtxt"))
     sock = str(tmp_path_factory.mktemp("shapes_sock") / "kp.sock")
     srv = ServerProcess(repo, sock, "--max-lanes-per-model", "2")

@@ -43,6 +43,16 @@ def overload_server(example_repo: str, tmp_path_factory: pytest.TempPathFactory)
     assert srv.stop() == 0, srv.log()
 
 
+def _grpc_inputs(a: np.ndarray) -> tuple[grpcclient.InferInput, grpcclient.InferInput]:
+    """add_sub's two inputs, both `a`, for tritonclient."""
+    inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        t = grpcclient.InferInput(name, list(a.shape), "FP32")
+        t.set_data_from_numpy(a)
+        inputs.append(t)
+    return inputs[0], inputs[1]
+
+
 def _fill(req, value: float) -> None:
     req.inputs["INPUT0"][:] = value
     req.inputs["INPUT1"][:] = 1
@@ -59,10 +69,7 @@ def test_full_queue_is_refused_at_once(overload_server: ServerProcess) -> None:
             c.infer(model, {"INPUT0": a, "INPUT1": a}, timeout=30)
         # over gRPC: RESOURCE_EXHAUSTED
         g = grpcclient.InferenceServerClient(overload_server.grpc_url)
-        i0 = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
-        i0.set_data_from_numpy(a)
-        i1 = grpcclient.InferInput("INPUT1", [1, 16], "FP32")
-        i1.set_data_from_numpy(a)
+        i0, i1 = _grpc_inputs(a)
         with pytest.raises(InferenceServerException) as e:
             g.infer(model, [i0, i1])
         assert "RESOURCE_EXHAUSTED" in str(e.value.status())
@@ -98,10 +105,7 @@ def test_request_past_its_queue_timeout_is_not_run(overload_server: ServerProces
         np.testing.assert_array_equal(out["OUTPUT0"], a + a)
         # over gRPC: the request's "timeout" parameter (microseconds) overrides the default the same way
         g = grpcclient.InferenceServerClient(overload_server.grpc_url)
-        i0 = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
-        i0.set_data_from_numpy(a)
-        i1 = grpcclient.InferInput("INPUT1", [1, 16], "FP32")
-        i1.set_data_from_numpy(a)
+        i0, i1 = _grpc_inputs(a)
         with pytest.raises(InferenceServerException) as e:
             g.infer(model, [i0, i1])
         assert "DEADLINE_EXCEEDED" in str(e.value.status())
