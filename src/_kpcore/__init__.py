@@ -17,6 +17,7 @@ from _kpcore.core import (
     LaneFull,
     LaneRetired,
     LaneTimeout,
+    Scheduler,
     Segment,
     StatsBlock,
     next_batch,
@@ -27,5 +28,5 @@ __all__ = [
     "CONTROL", "DOORBELL_BYTES", "LANE_DEAD", "LANE_LIVE", "LANE_RETIRED", "MAX_TENSORS", "NONE",
     "Doorbell", "Lane", "LaneAbandoned", "LaneDead", "LaneError", "LaneExpired", "LaneFull", "LaneRetired",
     "LaneTimeout",
-    "Segment", "StatsBlock", "next_batch", "now_ns",
+    "Scheduler", "Segment", "StatsBlock", "next_batch", "now_ns",
 ]

@@ -15,6 +15,7 @@ cdef extern from "kp_lane.h" nogil:
         KP_E_FULL
         KP_E_EXPIRED
         KP_NONE
+        KP_STRIDE_ONE
         KP_CONTROL
         KP_LANE_LIVE
         KP_LANE_RETIRED
@@ -66,6 +67,12 @@ cdef extern from "kp_lane.h" nogil:
         uint64_t max_wait_ns
         kp_spin spin
 
+    ctypedef struct kp_sched:
+        uint32_t prio[64]
+        uint32_t cls[64]
+        uint64_t stride[64]
+        uint64_t pass_ "pass"[64]
+
     uint64_t kp_now_ns()
     int kp_lane_layout(kp_lane_hdr *h, uint32_t nslots, uint32_t max_batch, uint32_t ntensors,
                        const uint64_t *row_bytes)
@@ -81,9 +88,10 @@ cdef extern from "kp_lane.h" nogil:
     int kp_wait_done(kp_lane_hdr *h, uint64_t seq, uint32_t row, uint64_t deadline_ns, const kp_spin *spin)
     int kp_release(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint32_t row, uint32_t n, uint32_t owner)
     int kp_lane_idle(kp_lane_hdr *h)
+    int kp_taken(kp_lane_hdr *h, uint64_t seq)
     uint32_t kp_reclaim_owner(kp_lane_hdr *h, kp_doorbell *d, uint32_t owner)
     int kp_next_batch(kp_lane_hdr **lanes, uint32_t nlanes, kp_doorbell *d, const kp_batch_policy *p,
-                      uint32_t *lane_out, uint64_t *seq_out, uint32_t *nrows_out, uint32_t *live_out)
+                      kp_sched *sched, uint32_t *lane_out, uint64_t *seq_out, uint32_t *nrows_out, uint32_t *live_out)
     void kp_lane_seal(kp_lane_hdr *h, kp_doorbell *d)
     ctypedef struct kp_size_stat:
         uint64_t count

@@ -7,7 +7,7 @@ checks. Every number handed in from outside is checked before it reaches the C p
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo
 from libc.errno cimport errno
 from libc.stdint cimport int32_t, uint32_t, uint64_t
-from libc.string cimport strerror
+from libc.string cimport memset, strerror
 
 import os
 
@@ -400,6 +400,10 @@ cdef class Lane:
             _raise(rc)
         return rc
 
+    def taken(self, uint64_t seq):
+        """Whether a worker has taken the batch serving `seq` (it runs now, or has run)."""
+        return bool(kp_taken(self.h, seq))
+
     def commit_and_wait(self, uint64_t seq, uint32_t row, uint32_t nrows, uint32_t owner, double timeout):
         """commit() then wait(), in one call: the common path of a request."""
         cdef int rc
@@ -472,14 +476,42 @@ NONE = KP_NONE
 CONTROL = KP_CONTROL
 
 
+cdef class Scheduler:
+    """A worker's choice among its lanes: strict priority levels (1 runs first), and within a level
+    executions shared between classes (tenants) in proportion to their weights. Worker-private."""
+
+    cdef kp_sched sc
+
+    def __cinit__(self):
+        memset(&self.sc, 0, sizeof(kp_sched))
+        for i in range(64):
+            self.sc.stride[i] = KP_STRIDE_ONE
+
+    def set_lane(self, uint32_t index, uint32_t priority, uint32_t share_class, uint32_t weight):
+        """Lane `index` (its place in the list given to next_batch) runs at `priority` and counts
+        against `share_class`, whose weight is `weight` (1..1,000,000)."""
+        if index >= 64 or share_class >= 64:
+            raise ValueError("a worker schedules at most 64 lanes and 64 classes")
+        if not 1 <= weight <= 1000000:
+            raise ValueError("a weight is 1..1000000")
+        self.sc.prio[index] = priority
+        self.sc.cls[index] = share_class
+        self.sc.stride[share_class] = KP_STRIDE_ONE // weight
+
+    def passes(self):
+        """Virtual time used by each class (for tests and status)."""
+        return [self.sc.pass_[i] for i in range(64)]
+
+
 def next_batch(list lanes, Doorbell bell, double window, uint32_t close_at, double commit_timeout,
-               double max_wait, uint32_t pause_iters=2000, double idle_spin=0.0002):
+               double max_wait, uint32_t pause_iters=2000, double idle_spin=0.0002, Scheduler sched=None):
     """The worker's wait for work across its lanes.
 
     Returns (lane_index, seq, nrows, live) for a taken batch whose rows are all committed (or
     abandoned after `commit_timeout`), where `live` counts the requests left to run (the others
     expired in the queue); NONE after `max_wait` seconds with nothing to run, or CONTROL when the
-    server rang for a control message.
+    server rang for a control message. With `sched`, the lane is chosen by its priority and share
+    class among those with a batch ready; without, the first ready lane in list order.
     """
     cdef kp_lane_hdr *hs[64]
     cdef uint32_t n = len(lanes)
@@ -501,8 +533,9 @@ def next_batch(list lanes, Doorbell bell, double window, uint32_t close_at, doub
     cdef uint32_t nrows = 0
     cdef uint32_t live = 0
     cdef int rc
+    cdef kp_sched *sp = &sched.sc if sched is not None else NULL
     with nogil:
-        rc = kp_next_batch(hs, n, bell.db, &p, &li, &seq, &nrows, &live)
+        rc = kp_next_batch(hs, n, bell.db, &p, sp, &li, &seq, &nrows, &live)
     if rc == KP_OK:
         return (li, seq, nrows, live)
     return rc

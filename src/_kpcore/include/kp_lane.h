@@ -602,39 +602,52 @@ static inline void kp_abandon_uncommitted(kp_lane_hdr *h, kp_slot_hdr *s, uint32
     }
 }
 
-/* Take the batch at run_seq of lane `h` if it is ready by `policy`. Returns 1 and fills *seq and *nrows
- * when taken; 0 otherwise, lowering *next_deadline when the window is still open. */
-static inline int kp_try_take(kp_lane_hdr *h, kp_doorbell *d, const kp_batch_policy *p, uint64_t now,
-                              uint64_t *next_deadline, uint64_t *seq_out, uint32_t *nrows_out) {
+/* Is the batch at run_seq of lane `h` ready by `policy` (full, at the close size, or its window
+ * passed)? Notes the first claim's time when the worker first sees it; lowers *next_deadline while
+ * the window is still open. */
+static inline int kp_lane_ready(kp_lane_hdr *h, const kp_batch_policy *p, uint64_t now, uint64_t *next_deadline) {
     if (atomic_load_explicit(&h->status, KP_ACQUIRE) == KP_LANE_DEAD) return 0;
     uint64_t q = atomic_load_explicit(&h->run_seq, KP_ACQUIRE);
     kp_slot_hdr *s = kp_slot(h, q);
     uint64_t w = atomic_load_explicit(&s->word, KP_ACQUIRE);
     if (kp_gen(w) != (uint32_t)q || kp_count(w) == 0) return 0;
-    if (!kp_closed(w)) {
-        uint64_t fc = atomic_load_explicit(&s->first_claim_ns, KP_RELAXED);
-        if (fc == 0) {
-            uint64_t zero = 0;
-            if (!atomic_compare_exchange_strong_explicit(&s->first_claim_ns, &zero, now, KP_RELAXED, KP_RELAXED))
-                fc = zero;
-            else
-                fc = now;
-        }
-        uint32_t c = kp_count(w);
-        /* a retired lane takes no more claims: waiting out the window would gain nothing */
-        int ready = c >= p->close_at || c >= h->max_batch || now >= fc + p->window_ns ||
-                    atomic_load_explicit(&h->status, KP_ACQUIRE) == KP_LANE_RETIRED;
-        if (!ready) {
-            if (fc + p->window_ns < *next_deadline) *next_deadline = fc + p->window_ns;
-            return 0;
-        }
-        while (!kp_closed(w)) {
-            if (atomic_compare_exchange_weak_explicit(&s->word, &w, w | KP_CLOSED_BIT, KP_ACQ_REL, KP_ACQUIRE)) break;
-        }
-        uint64_t expect = q;
-        atomic_compare_exchange_strong_explicit(&h->open_seq, &expect, q + 1, KP_ACQ_REL, KP_ACQUIRE);
+    if (kp_closed(w)) return 1;
+    uint64_t fc = atomic_load_explicit(&s->first_claim_ns, KP_RELAXED);
+    if (fc == 0) {
+        uint64_t zero = 0;
+        if (!atomic_compare_exchange_strong_explicit(&s->first_claim_ns, &zero, now, KP_RELAXED, KP_RELAXED))
+            fc = zero;
+        else
+            fc = now;
+    }
+    uint32_t c = kp_count(w);
+    /* a retired lane takes no more claims: waiting out the window would gain nothing */
+    int ready = c >= p->close_at || c >= h->max_batch || now >= fc + p->window_ns ||
+                atomic_load_explicit(&h->status, KP_ACQUIRE) == KP_LANE_RETIRED;
+    if (!ready && fc + p->window_ns < *next_deadline) *next_deadline = fc + p->window_ns;
+    return ready;
+}
+
+/* Has a worker taken the batch serving `seq` (it is running, or done)? */
+static inline int kp_taken(kp_lane_hdr *h, uint64_t seq) {
+    return atomic_load_explicit(&h->run_seq, KP_ACQUIRE) > seq;
+}
+
+/* Take the batch at run_seq of lane `h`, which kp_lane_ready found ready: close it, advance both
+ * cursors. Returns 1 and fills *seq and *nrows when taken; 0 when another instance took it first. */
+static inline int kp_take_ready(kp_lane_hdr *h, kp_doorbell *d, uint64_t now, uint64_t *seq_out,
+                                uint32_t *nrows_out) {
+    uint64_t q = atomic_load_explicit(&h->run_seq, KP_ACQUIRE);
+    kp_slot_hdr *s = kp_slot(h, q);
+    uint64_t w = atomic_load_explicit(&s->word, KP_ACQUIRE);
+    if (kp_gen(w) != (uint32_t)q || kp_count(w) == 0) return 0;
+    while (!kp_closed(w)) {
+        if (atomic_compare_exchange_weak_explicit(&s->word, &w, w | KP_CLOSED_BIT, KP_ACQ_REL, KP_ACQUIRE)) break;
+        if (kp_gen(w) != (uint32_t)q) return 0; /* taken and reused under us: never close a later batch */
     }
     uint64_t expect = q;
+    atomic_compare_exchange_strong_explicit(&h->open_seq, &expect, q + 1, KP_ACQ_REL, KP_ACQUIRE);
+    expect = q;
     if (!atomic_compare_exchange_strong_explicit(&h->run_seq, &expect, q + 1, KP_ACQ_REL, KP_ACQUIRE))
         return 0; /* another instance took it */
     /* closed: the row count is final; consume the request count (queue places) in the same CAS */
@@ -651,6 +664,66 @@ static inline int kp_try_take(kp_lane_hdr *h, kp_doorbell *d, const kp_batch_pol
     *seq_out = q;
     *nrows_out = c;
     return 1;
+}
+
+/* Take the batch at run_seq of lane `h` if it is ready by `policy`. */
+static inline int kp_try_take(kp_lane_hdr *h, kp_doorbell *d, const kp_batch_policy *p, uint64_t now,
+                              uint64_t *next_deadline, uint64_t *seq_out, uint32_t *nrows_out) {
+    if (!kp_lane_ready(h, p, now, next_deadline)) return 0;
+    return kp_take_ready(h, d, now, seq_out, nrows_out);
+}
+
+/* ---- scheduling across a worker's lanes ----------------------------------------------------------
+ * A worker's lanes may belong to different priority levels and share classes (tenants). Among the
+ * lanes with a ready batch the worker takes the one with the lowest priority number (1 = highest,
+ * strict), and within a level the one whose class has used the least virtual time: each class's
+ * `pass` grows by rows x `stride` (stride = KP_STRIDE_ONE / weight) when it runs, so backlogged
+ * classes get executions in proportion to their weights (stride scheduling). A class with nothing
+ * ready when another runs is brought up to that class's pass, so idle time is never saved up as
+ * credit for a later burst. The state is the worker's own (it is not in shared memory: clients
+ * cannot change their weight). */
+#define KP_SCHED_MAX 64
+#define KP_STRIDE_ONE (1ull << 20)
+
+typedef struct {
+    uint32_t prio[KP_SCHED_MAX];    /* per lane: priority level, lower runs first */
+    uint32_t cls[KP_SCHED_MAX];     /* per lane: its share class (< KP_SCHED_MAX) */
+    uint64_t stride[KP_SCHED_MAX];  /* per class: virtual time per row */
+    uint64_t pass[KP_SCHED_MAX];    /* per class: virtual time used */
+} kp_sched;
+
+/* Pick and take the best ready batch; 1 when one was taken. */
+static inline int kp_sched_take(kp_sched *sc, kp_lane_hdr **lanes, uint32_t nlanes, kp_doorbell *d,
+                                const kp_batch_policy *p, uint64_t now, uint64_t *next_deadline, uint32_t *lane_out,
+                                uint64_t *seq_out, uint32_t *nrows_out) {
+    uint64_t ready = 0, ready_cls = 0;
+    for (uint32_t i = 0; i < nlanes; i++) {
+        if (kp_lane_ready(lanes[i], p, now, next_deadline)) {
+            ready |= 1ull << i;
+            ready_cls |= 1ull << (sc->cls[i] % KP_SCHED_MAX);
+        }
+    }
+    while (ready) {
+        uint32_t best = UINT32_MAX;
+        for (uint32_t i = 0; i < nlanes; i++) {
+            if (!(ready >> i & 1)) continue;
+            if (best == UINT32_MAX || sc->prio[i] < sc->prio[best] ||
+                (sc->prio[i] == sc->prio[best] &&
+                 sc->pass[sc->cls[i] % KP_SCHED_MAX] < sc->pass[sc->cls[best] % KP_SCHED_MAX]))
+                best = i;
+        }
+        ready &= ~(1ull << best);
+        if (!kp_take_ready(lanes[best], d, now, seq_out, nrows_out)) continue;
+        uint32_t c = sc->cls[best] % KP_SCHED_MAX;
+        uint64_t base = sc->pass[c];
+        for (uint32_t k = 0; k < KP_SCHED_MAX; k++) {
+            if (!(ready_cls >> k & 1) && sc->pass[k] < base) sc->pass[k] = base;
+        }
+        sc->pass[c] = base + (uint64_t)(*nrows_out ? *nrows_out : 1) * sc->stride[c];
+        *lane_out = best;
+        return 1;
+    }
+    return 0;
 }
 
 /* Wait (spinning, then on the doorbell) until every row of the taken batch is committed or the commit
@@ -701,7 +774,8 @@ static inline uint32_t kp_await_commits(kp_lane_hdr *h, kp_doorbell *d, uint64_t
  * *nrows_out); KP_NONE after max_wait with nothing to do; KP_CONTROL when the server rang for a
  * control message (the flag is cleared). */
 static inline int kp_next_batch(kp_lane_hdr **lanes, uint32_t nlanes, kp_doorbell *d, const kp_batch_policy *p,
-                                uint32_t *lane_out, uint64_t *seq_out, uint32_t *nrows_out, uint32_t *live_out) {
+                                kp_sched *sched, uint32_t *lane_out, uint64_t *seq_out, uint32_t *nrows_out,
+                                uint32_t *live_out) {
     uint64_t start = kp_now_ns();
     uint64_t give_up = start + p->max_wait_ns;
     uint64_t yield_until = start + p->spin.yield_ns;
@@ -711,18 +785,27 @@ static inline int kp_next_batch(kp_lane_hdr **lanes, uint32_t nlanes, kp_doorbel
         if (atomic_exchange_explicit(&d->control, 0, KP_ACQ_REL) != 0) return KP_CONTROL;
         uint64_t now = kp_now_ns();
         uint64_t next_deadline = UINT64_MAX;
-        for (uint32_t i = 0; i < nlanes; i++) {
-            uint64_t q;
-            uint32_t c;
-            if (kp_try_take(lanes[i], d, p, now, &next_deadline, &q, &c)) {
-                *live_out = kp_await_commits(lanes[i], d, q, c, p);
-                atomic_fetch_add_explicit(&lanes[i]->counters.batches, 1, KP_RELAXED);
-                atomic_fetch_add_explicit(&lanes[i]->counters.rows, c, KP_RELAXED);
-                *lane_out = i;
-                *seq_out = q;
-                *nrows_out = c;
-                return KP_OK;
+        uint32_t taken = UINT32_MAX;
+        uint64_t q = 0;
+        uint32_t c = 0;
+        if (sched != NULL && nlanes <= KP_SCHED_MAX) {
+            if (kp_sched_take(sched, lanes, nlanes, d, p, now, &next_deadline, &taken, &q, &c) == 0) taken = UINT32_MAX;
+        } else {
+            for (uint32_t i = 0; i < nlanes; i++) {
+                if (kp_try_take(lanes[i], d, p, now, &next_deadline, &q, &c)) {
+                    taken = i;
+                    break;
+                }
             }
+        }
+        if (taken != UINT32_MAX) {
+            *live_out = kp_await_commits(lanes[taken], d, q, c, p);
+            atomic_fetch_add_explicit(&lanes[taken]->counters.batches, 1, KP_RELAXED);
+            atomic_fetch_add_explicit(&lanes[taken]->counters.rows, c, KP_RELAXED);
+            *lane_out = taken;
+            *seq_out = q;
+            *nrows_out = c;
+            return KP_OK;
         }
         if (now >= give_up) return KP_NONE;
         int soon = next_deadline != UINT64_MAX && next_deadline - now <= p->spin.yield_ns;

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="how long a claimed row may stay uncommitted before its batch runs without it")
     s.add_argument("--lane-slots", type=int, default=8,
                    help="batch slots per lane (fewer for lanes of large tensors: at most 256 MiB a lane)")
-    s.add_argument("--max-lanes-per-model", type=int, default=16,
+    s.add_argument("--max-lanes-per-model", type=int, default=32,
                    help="distinct input shapes a model serves at once (idle ones are evicted)")
     s.add_argument("--exit-timeout-secs", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, how long requests in flight may take before they are failed")

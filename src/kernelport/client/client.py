@@ -43,8 +43,12 @@ class _Model:
 class Client:
     """A local client of a KernelPort server, over its unix socket. Thread-safe."""
 
-    def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT, spin_microseconds: float = 50.0) -> None:
+    def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT, spin_microseconds: float = 50.0,
+                 tenant: str | None = None) -> None:
+        """`tenant`: the scheduling class this client's requests count against (models share a busy
+        instance between tenants by weight); a request's own `tenant=` overrides it."""
         self.socket_path = socket_path
+        self.tenant = tenant or ""
         self.timeout = timeout
         self.spin = spin_microseconds / 1e6
         self._lock = threading.Lock()  # one handshake at a time on the socket
@@ -105,13 +109,14 @@ class Client:
         self._models[name] = m
         return m
 
-    def _lane(self, m: _Model, shapes: tuple[tuple[int, ...], ...], caps: tuple[int, ...] = ()) -> LaneView:
-        key = lane_key(shapes, caps)
+    def _lane(self, m: _Model, shapes: tuple[tuple[int, ...], ...], caps: tuple[int, ...] = (),
+              level: int = 0, tenant: str = "") -> LaneView:
+        key = lane_key(shapes, caps, f"{level}/{tenant}/")
         view = m.lanes.get(key)
         if view is not None:
             return view
         reply, fds = self._call({"op": "lane", "model": m.info.name, "shapes": [list(s) for s in shapes],
-                                 "capacities": list(caps)})
+                                 "capacities": list(caps), "priority": level, "tenant": tenant})
         try:
             layout = LaneLayout.from_dict(reply["lane"])
             seg = _kpcore.Segment.from_fd(fds.pop(0), layout.size)
@@ -156,23 +161,32 @@ class Client:
         """The model's lane counters (claims, batches, rows, sleeps...), summed over its lanes."""
         return {k: int(v) for k, v in self._call({"op": "counters", "model": model})[0]["counters"].items()}
 
+    def tenant_counters(self, model: str) -> dict[str, dict[str, int]]:
+        """The model's lane counters by tenant ('' : requests without one, or beyond the model's max_tenants)."""
+        got = self._call({"op": "counters", "model": model})[0]["tenants"]
+        return {str(t): {k: int(v) for k, v in c.items()} for t, c in got.items()}
+
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
-              timeout: float | None = None, queue_timeout: float | None = None) -> dict[str, np.ndarray]:
+              timeout: float | None = None, queue_timeout: float | None = None, priority: int = 0,
+              tenant: str | None = None) -> dict[str, np.ndarray]:
         """Run one request; returns a dict of output arrays (copies).
 
         `timeout`: seconds to wait for the result. `queue_timeout`: seconds the request may wait for
         its batch before it is dropped unrun, when the model's queue policy allows overriding its
-        default_timeout_microseconds."""
+        default_timeout_microseconds. `priority`: the level (1 runs first; 0 = the model's default)
+        when the model has priority_levels. `tenant`: this request's tenant (default: the client's)."""
         m = self._model(model)
         n, shapes, arrays, caps = validate_inputs(m.info, inputs)
         if outputs is not None:
             check_outputs(m.info, outputs)
+        tenant = self.tenant if tenant is None else tenant
         for attempt in (0, 1):
-            view = self._lane(m, shapes, caps)
+            level = m.info.level(priority)
+            view = self._lane(m, shapes, caps, level, tenant)
             try:
                 limit = self.timeout if timeout is None else timeout
                 return view.run(self.owner, arrays, n, limit, model, outputs, self._check_alive,
-                                m.info.queue_timeout(queue_timeout))
+                                m.info.queue_timeout(queue_timeout, level))
             except (_kpcore.LaneRetired, ModelNotReadyError):
                 # the lane was retired or its worker restarted: ask once more
                 self._forget(model)
@@ -182,7 +196,8 @@ class Client:
         raise AssertionError("unreachable")
 
     def request(self, model: str, batch: int = 1, shapes: Mapping[str, Sequence[int]] | None = None,
-                timeout: float | None = None, queue_timeout: float | None = None) -> InferRequest:
+                timeout: float | None = None, queue_timeout: float | None = None, priority: int = 0,
+                tenant: str | None = None) -> InferRequest:
         """A zero-copy request: claim rows now, fill `req.inputs` in place, `req.run()`, read the
         outputs in place, and release by leaving the `with` block (or `req.release()`).
 
@@ -203,10 +218,12 @@ class Client:
             per.append(s)
         n = batch if info.batching else 1
         limit = self.timeout if timeout is None else timeout
+        tenant = self.tenant if tenant is None else tenant
         for attempt in (0, 1):
-            view = self._lane(m, tuple(per))
+            level = m.info.level(priority)
+            view = self._lane(m, tuple(per), (), level, tenant)
             try:
-                seq, row = view.claim(self.owner, n, limit, model, info.queue_timeout(queue_timeout))
+                seq, row = view.claim(self.owner, n, limit, model, m.info.queue_timeout(queue_timeout, level))
             except (_kpcore.LaneRetired, ModelNotReadyError):
                 self._forget(model)  # retired lane or restarted worker: ask once more
                 if attempt:
@@ -247,14 +264,29 @@ class InferRequest:
         self.outputs: dict[str, np.ndarray] | None = None
         self._state = "claimed"  # -> "done" -> "released"
 
-    def run(self, timeout: float | None = None) -> dict[str, np.ndarray]:
+    def submit(self) -> None:
+        """Hand the filled inputs to the server without waiting (the inputs stay readable; `run()`
+        then waits for the outputs). Lets one thread queue several requests."""
         if self._state != "claimed":
+            raise KernelPortError("request was already submitted" if self._state in ("submitted", "done")
+                                  else "request was released")
+        self._view.lane.commit(self._seq, self._row, self._n, self._client.owner)
+        self._state = "submitted"
+
+    @property
+    def taken(self) -> bool:
+        """Whether a worker has taken this request's batch (it runs now, or has run)."""
+        return bool(self._view.lane.taken(self._seq))
+
+    def run(self, timeout: float | None = None) -> dict[str, np.ndarray]:
+        if self._state not in ("claimed", "submitted"):
             raise KernelPortError("request already ran" if self._state == "done" else "request was released")
         v = self._view
+        commit = self._state == "claimed"
         self._state = "committed"
         try:
             v.wait(self._seq, self._row, self._n, self._client.owner, timeout or self._timeout, self.model,
-                   self._client._check_alive, commit=True)
+                   self._client._check_alive, commit=commit)
         except BaseException:
             self._state = "released"  # wait() released the rows before raising
             raise
@@ -270,7 +302,7 @@ class InferRequest:
         return outs
 
     def release(self) -> None:
-        if self._state in ("claimed", "done"):
+        if self._state in ("claimed", "submitted", "done"):
             self._state = "released"
             try:
                 self._view.lane.release(self._seq, self._row, self._n, self._client.owner)
@@ -295,16 +327,21 @@ class AsyncClient:
         self._client = client
 
     @classmethod
-    async def connect(cls, socket_path: str, timeout: float = DEFAULT_TIMEOUT) -> AsyncClient:
-        return cls(await asyncio.to_thread(Client, socket_path, timeout))
+    async def connect(cls, socket_path: str, timeout: float = DEFAULT_TIMEOUT,
+                      tenant: str | None = None) -> AsyncClient:
+        return cls(await asyncio.to_thread(Client, socket_path, timeout, 50.0, tenant))
 
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
-                    timeout: float | None = None, queue_timeout: float | None = None) -> dict[str, np.ndarray]:
-        return await asyncio.to_thread(self._client.infer, model, inputs, outputs, timeout, queue_timeout)
+                    timeout: float | None = None, queue_timeout: float | None = None, priority: int = 0,
+                    tenant: str | None = None) -> dict[str, np.ndarray]:
+        return await asyncio.to_thread(self._client.infer, model, inputs, outputs, timeout, queue_timeout,
+                                       priority, tenant)
 
     async def request(self, model: str, batch: int = 1, shapes: Mapping[str, Sequence[int]] | None = None,
-                      timeout: float | None = None, queue_timeout: float | None = None) -> AsyncInferRequest:
-        req = await asyncio.to_thread(self._client.request, model, batch, shapes, timeout, queue_timeout)
+                      timeout: float | None = None, queue_timeout: float | None = None, priority: int = 0,
+                      tenant: str | None = None) -> AsyncInferRequest:
+        req = await asyncio.to_thread(self._client.request, model, batch, shapes, timeout, queue_timeout,
+                                      priority, tenant)
         return AsyncInferRequest(req)
 
     async def model_ready(self, model: str) -> bool:

@@ -67,6 +67,10 @@ class ModelInfo:
     versions: tuple[str, ...] = ("1",)
     queue_timeout_us: int = 0  # dynamic_batching.default_queue_policy (REJECT): 0 = none
     allow_timeout_override: bool = False
+    priority_levels: int = 0  # dynamic_batching.priority_levels (0: none)
+    default_priority: int = 0
+    # dynamic_batching.priority_queue_policy, as (level, timeout_us, allow_timeout_override)
+    level_queue: tuple[tuple[int, int, bool], ...] = ()
 
     @property
     def batching(self) -> bool:
@@ -85,6 +89,9 @@ class ModelInfo:
             "versions": list(self.versions),
             "queue_timeout_us": self.queue_timeout_us,
             "allow_timeout_override": self.allow_timeout_override,
+            "priority_levels": self.priority_levels,
+            "default_priority": self.default_priority,
+            "level_queue": [list(x) for x in self.level_queue],
         }
 
     @classmethod
@@ -102,14 +109,30 @@ class ModelInfo:
             versions=tuple(str(v) for v in d.get("versions", ["1"])),
             queue_timeout_us=int(d.get("queue_timeout_us", 0)),
             allow_timeout_override=bool(d.get("allow_timeout_override", False)),
+            priority_levels=int(d.get("priority_levels", 0)),
+            default_priority=int(d.get("default_priority", 0)),
+            level_queue=tuple((int(x[0]), int(x[1]), bool(x[2])) for x in d.get("level_queue", ())),
         )
 
-    def queue_timeout(self, requested: float | None) -> float:
-        """Seconds a request may wait to be taken (0: no limit): the policy's default, or the request's
-        own when the policy allows overriding it."""
-        if requested is not None and self.allow_timeout_override:
+    def level(self, priority: int) -> int:
+        """The priority level a request's `priority` runs at: 0 (or above the levels) means the default
+        level, as in Triton; 0 for a model without levels."""
+        if not self.priority_levels:
+            return 0
+        if priority <= 0 or priority > self.priority_levels:
+            return self.default_priority
+        return priority
+
+    def queue_timeout(self, requested: float | None, level: int = 0) -> float:
+        """Seconds a request may wait to be taken (0: no limit): the policy's default (its level's, where
+        priority_queue_policy names the level), or the request's own when the policy allows it."""
+        timeout_us, allow = self.queue_timeout_us, self.allow_timeout_override
+        for lv, t, a in self.level_queue:
+            if lv == level:
+                timeout_us, allow = t, a
+        if requested is not None and allow:
             return max(0.0, requested)
-        return self.queue_timeout_us / 1e6
+        return timeout_us / 1e6
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -219,6 +242,9 @@ class LaneLayout:
     n_inputs: int
     size: int = 0
     memory: str = "host"  # where the rows live: "host" shared memory (pinned or device memory come later)
+    priority: int = 0  # scheduling (see kernelport.server.scheduling): the level, 1 runs first
+    share_class: int = 0  # the tenant class it counts against
+    weight: int = 1
 
     @property
     def row_bytes(self) -> list[int]:
@@ -231,6 +257,7 @@ class LaneLayout:
         return {
             "lane_id": self.lane_id, "nslots": self.nslots, "max_batch": self.max_batch,
             "batching": self.batching, "n_inputs": self.n_inputs, "size": self.size, "memory": self.memory,
+            "priority": self.priority, "share_class": self.share_class, "weight": self.weight,
             "tensors": [{"name": t.name, "datatype": t.datatype, "dims": list(t.dims), "capacity": t.capacity}
                         for t in self.tensors],
         }
@@ -244,7 +271,8 @@ class LaneLayout:
         if memory != "host":
             raise ValueError(f"lane rows in {memory!r} memory are not supported by this client")
         return cls(int(d["lane_id"]), int(d["nslots"]), int(d["max_batch"]), bool(d["batching"]), tensors,
-                   int(d["n_inputs"]), int(d["size"]), memory)
+                   int(d["n_inputs"]), int(d["size"]), memory, int(d.get("priority", 0)),
+                   int(d.get("share_class", 0)), int(d.get("weight", 1)))
 
 
 @dataclass
@@ -370,6 +398,7 @@ class LaneView:
         return out
 
 
-def lane_key(shapes: tuple[tuple[int, ...], ...], capacities: tuple[int, ...] = ()) -> str:
-    key = ";".join("x".join(str(d) for d in s) for s in shapes)
+def lane_key(shapes: tuple[tuple[int, ...], ...], capacities: tuple[int, ...] = (), prefix: str = "") -> str:
+    """A lane's key: its scheduling class (`prefix`), per-sample shapes and BYTES capacities."""
+    key = prefix + ";".join("x".join(str(d) for d in s) for s in shapes)
     return key + ("|" + ",".join(str(c) for c in capacities) if any(capacities) else "")

@@ -132,6 +132,10 @@ class _Families:
                          "Worker processes of the model that exited on their own (since the model was loaded)")
         self.restarts = f("kp_model_restarts_total", "counter",
                           "Times the server restarted the model's workers after a crash (since it was loaded)")
+        self.tenant_requests = f("kp_tenant_requests_total", "counter",
+                                 "Requests that claimed rows, by tenant (\"\": no tenant, or beyond max_tenants)")
+        self.tenant_rows = f("kp_tenant_batch_rows_total", "counter",
+                             "Rows the workers took, by tenant: each tenant's share of executions")
 
     def new(self, name: str, kind: str, help_text: str) -> MetricFamily:
         fam = MetricFamily(name, kind, help_text)
@@ -246,4 +250,8 @@ class Collector:
         batches = int(lane.get("batches", 0))
         capacity = batches * max(1, spec_max)
         fam.occupancy.add(int(lane.get("rows", 0)) / capacity if capacity else 0.0, labels)
+        tenants = rt.tenant_counters() if hasattr(rt, "tenant_counters") else {}
+        for tenant, counts in sorted(tenants.items()):
+            fam.tenant_requests.add(int(counts.get("claims", 0)), {**labels, "tenant": tenant})
+            fam.tenant_rows.add(int(counts.get("rows", 0)), {**labels, "tenant": tenant})
 

@@ -11,6 +11,8 @@ What `ServerMetadata.extensions` lists, and why (only what really works):
 - "model_repository": RepositoryIndex / RepositoryModelLoad / RepositoryModelUnload (load without the
   "config" / "file:" override parameters, which answer UNIMPLEMENTED).
 - "statistics": ModelStatistics from the data plane's counters.
+- "schedule_policy": the request parameters "priority" (a level of the model's priority_levels; 0 = the
+  default level) and "timeout" (microseconds).
 - "system_shared_memory": only when the server allows client shared memory (`allow_client_shm`); otherwise
   registration answers UNAVAILABLE, as Triton does for a restricted or absent shared-memory endpoint.
 Not listed: "cuda_shared_memory" (the server process never initialises CUDA; registration is validated, then
@@ -27,6 +29,8 @@ Wire rules, as Triton applies them:
   entry so that entry i stays output i (tritonclient indexes raw contents by output position).
 - The request parameter "timeout" (microseconds) and the gRPC deadline bound the data plane's wait;
   "binary_data" and other HTTP-only parameters are ignored.
+- The tenant a request counts against (weighted shares, `kernelport.server.scheduling`) is the metadata
+  header `kernelport-tenant`, else the string request parameter "tenant".
 - ModelStreamInfer answers each request with one response, in completion order (each carries its id);
   a failed request gets `error_message` and the stream goes on.
 """
@@ -52,6 +56,7 @@ from google.protobuf.message import Message
 
 from kernelport.errors import InvalidInputError, KernelPortError, ModelNotFoundError
 from kernelport.protocol import message_class
+from kernelport.server.scheduling import TENANT_HEADER, check_tenant
 from kernelport.server.shm_registry import SharedMemoryRegion, SharedMemoryRegistry
 
 __all__ = [
@@ -150,6 +155,14 @@ def _status_code(err: KernelPortError) -> grpc.StatusCode:
 
 def _abort(context: grpc.ServicerContext, err: KernelPortError) -> None:
     context.abort(_status_code(err), str(err) or type(err).__name__)
+
+
+def _tenant_header(context: grpc.ServicerContext) -> str | None:
+    """The `kernelport-tenant` metadata header, None when absent."""
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_HEADER:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return None
 
 
 def _param_value(param: Message) -> Any:
@@ -410,7 +423,7 @@ class InferenceServicer:
         return resp(ready=bool(self.dp.model_ready(request.name)))
 
     def server_metadata(self, request: Any, context: grpc.ServicerContext) -> Message:
-        extensions = ["model_configuration", "model_repository", "statistics"]
+        extensions = ["model_configuration", "model_repository", "statistics", "schedule_policy"]
         if self.shm.allowed:
             extensions.append("system_shared_memory")
         return message_class("inference.ServerMetadataResponse")(
@@ -600,7 +613,7 @@ class InferenceServicer:
     # -- inference -----------------------------------------------------------------------------------
 
     def model_infer(self, request: Any, context: grpc.ServicerContext) -> Message:
-        return self.infer(request, context.time_remaining())
+        return self.infer(request, context.time_remaining(), tenant=_tenant_header(context))
 
     def model_stream_infer(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
@@ -609,11 +622,12 @@ class InferenceServicer:
         stop = object()
         context.add_callback(lambda: results.put(stop))
         window = threading.BoundedSemaphore(_STREAM_WINDOW)
+        tenant = _tenant_header(context)
 
         def run_one(request: Any) -> None:
             resp = self.ModelStreamInferResponse()
             try:
-                self.infer(request, context.time_remaining(), into=resp.infer_response)
+                self.infer(request, context.time_remaining(), into=resp.infer_response, tenant=tenant)
             except KernelPortError as err:
                 resp.Clear()
                 resp.error_message = str(err) or type(err).__name__
@@ -655,7 +669,8 @@ class InferenceServicer:
             window.release()
             yield item
 
-    def infer(self, request: Any, deadline_s: float | None = None, into: Message | None = None) -> Message:
+    def infer(self, request: Any, deadline_s: float | None = None, into: Message | None = None,
+              tenant: str | None = None) -> Message:
         """Run one ModelInferRequest through the data plane; raises KernelPortError subclasses.
 
         The response is built in `into` when given (a ModelInferResponse inside a stream response, so the
@@ -679,8 +694,13 @@ class InferenceServicer:
             out_plan = self._plan_outputs(spec, request)
             timeout = _timeout(request, deadline_s)
             wanted = [o.name for o in out_plan] if len(request.outputs) else None
+            what = f"model '{name}'"
+            priority = _param_uint(request.parameters, "priority", what) or 0
+            if tenant is None and "tenant" in request.parameters:
+                tenant = _param_value(request.parameters["tenant"])
             results = self.dp.infer(name, inputs, outputs=wanted, timeout=timeout,
-                                    queue_timeout=_timeout(request, None))
+                                    queue_timeout=_timeout(request, None), priority=priority,
+                                    tenant=check_tenant(tenant, name))
             del inputs  # views of shared memory must not outlive the regions' references
             resp = into if into is not None else self.ModelInferResponse()
             self._encode_outputs(spec, request, out_plan, results, region, resp)

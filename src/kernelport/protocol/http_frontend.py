@@ -77,6 +77,7 @@ from kernelport.protocol.grpc_frontend import (
     serialize_bytes_tensor,
     server_version,
 )
+from kernelport.server.scheduling import TENANT_HEADER, check_tenant, parse_priority
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "HttpFrontend", "http_status", "serve_http"]
 
@@ -86,7 +87,7 @@ DEFAULT_MAX_BODY_BYTES = 64 << 20
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 SERVER_NAME = "kernelport"
-EXTENSIONS = ("model_configuration", "model_repository", "statistics", "binary_tensor_data")
+EXTENSIONS = ("model_configuration", "model_repository", "statistics", "binary_tensor_data", "schedule_policy")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"
 
@@ -519,7 +520,11 @@ class HttpFrontend:
             timeout = float(t) / 1e6
         # Triton's "timeout" bounds the request's wait, and its time in the queue (as on gRPC)
         extra = {"queue_timeout": timeout} if timeout is not None else {}
-        results = self.dp.infer(name, inputs, outputs=wanted, timeout=timeout, **extra)
+        # the schedule policy: a priority level, and the tenant (header first, then parameter)
+        priority = params.get("priority", 0)
+        tenant = headers.get(TENANT_HEADER) or params.get("tenant")
+        results = self.dp.infer(name, inputs, outputs=wanted, timeout=timeout, **extra,
+                                priority=parse_priority(priority, name), tenant=check_tenant(tenant, name))
         return self._encode_outputs(spec, name, version, req, plan, results)
 
     def _decode_inputs(self, spec: Any, req: Mapping[str, Any], binary: memoryview) -> dict[str, np.ndarray]:

@@ -242,23 +242,28 @@ class DataPlane:
     def counters(self, name: str) -> dict[str, int]:
         return self._runtime(name).counters()
 
+    def tenant_counters(self, name: str) -> dict[str, dict[str, int]]:
+        return self._runtime(name).tenant_counters()
+
     # ---- inference ----
 
     def infer(self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
-              timeout: float | None = None, queue_timeout: float | None = None) -> dict[str, np.ndarray]:
+              timeout: float | None = None, queue_timeout: float | None = None, priority: int = 0,
+              tenant: str = "") -> dict[str, np.ndarray]:
         """`queue_timeout` (seconds): the request's own queue timeout, honoured when the model's queue
-        policy allows overriding its default."""
+        policy allows overriding its default. `priority` (0: the model's default level) and `tenant`
+        choose the request's scheduling class (see kernelport.server.scheduling)."""
         for attempt in (0, 1):
             rt = self._runtime(name)
             info = rt.require_ready()
             n, shapes, arrays, caps = validate_inputs(info, inputs)
             if outputs is not None:
                 check_outputs(info, outputs)
-            qt = info.queue_timeout(queue_timeout)
+            qt = info.queue_timeout(queue_timeout, info.level(priority))
             if timeout:  # a request whose caller stops waiting (gRPC deadline) is not run after that
                 qt = min(qt, timeout) if qt else timeout
             try:
-                lane = rt.lane_for(shapes, caps)
+                lane = rt.lane_for(shapes, caps, priority, tenant)
                 return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None, qt)
             except (_kpcore.LaneRetired, ModelNotReadyError) as e:
                 # evicted, or the model was reloaded meanwhile: the next lookup finds the new lane or model

@@ -38,6 +38,7 @@ from kernelport.repository import (
     config_type_to_datatype,
     config_type_to_numpy,
 )
+from kernelport.server.scheduling import SchedulingPolicy, TenantClasses, check_tenant, sched_key
 
 log = logging.getLogger("kernelport.server")
 
@@ -57,7 +58,7 @@ class ServerOptions:
     socket_path: str
     commit_timeout: float = 0.5  # seconds a claimed row may stay uncommitted before its batch goes on
     lane_slots: int = 8
-    max_lanes_per_model: int = 16
+    max_lanes_per_model: int = 32
     load_timeout: float = 300.0
     log_level: str = "INFO"
     allow_other_users: bool = False
@@ -125,6 +126,7 @@ class LaneEntry:
     segment: Any
     view: LaneView
     last_used: float = 0.0
+    tenant: str = ""  # the tenant whose class the lane serves ('' : the shared default class)
 
 
 def batch_policy(spec: ModelSpec, commit_timeout: float) -> dict[str, Any]:
@@ -163,6 +165,8 @@ class ModelRuntime:
         # counters of the lanes evicted since the workers started, so that counters() never goes back
         self.evicted_counters: dict[str, int] = dict.fromkeys(LANE_COUNTERS, 0)
         self.unloaded = False  # unloaded on request: not counted in the server's readiness
+        self.tenants = TenantClasses(SchedulingPolicy())
+        self.evicted_tenant_counters: dict[str, dict[str, int]] = {}
 
     # ---- load / unload ----
 
@@ -228,6 +232,8 @@ class ModelRuntime:
         config = complete_config(entry.config, ins, outs, can_batch, model_name=self.name)
         spec = ModelSpec.from_proto(config, source=os.path.join(entry.path, "config.pbtxt"), model_name=self.name)
         self.spec = spec
+        sched = SchedulingPolicy.from_config(config, spec.parameters, self.name)
+        self.tenants = TenantClasses(sched)
         self.info = ModelInfo(
             name=self.name,
             max_batch_size=spec.max_batch_size,
@@ -235,6 +241,8 @@ class ModelRuntime:
             outputs=tuple(TensorInfo(t.name, t.datatype, t.dims) for t in spec.outputs),
             platform=spec.platform or entry.platform,
             versions=tuple(str(v) for v in entry.selected_versions),
+            priority_levels=sched.priority_levels,
+            default_priority=sched.default_priority,
             **_queue_policy(config),
         )
         for t in spec.inputs + spec.outputs:
@@ -350,13 +358,18 @@ class ModelRuntime:
             raise ModelNotReadyError(f"model '{self.name}' is not ready" + (f": {self.reason}" if self.reason else ""))
         return self.info
 
-    def lane_for(self, shapes: tuple[tuple[int, ...], ...], caps: tuple[int, ...] = ()) -> LaneEntry:
-        """The lane for these per-sample input shapes (and BYTES element capacities), created on first use."""
-        return self._lane_for(self.require_ready(), shapes, caps)
+    def lane_for(self, shapes: tuple[tuple[int, ...], ...], caps: tuple[int, ...] = (), priority: int = 0,
+                 tenant: str = "") -> LaneEntry:
+        """The lane for these per-sample input shapes (and BYTES element capacities) in the scheduling
+        class of `priority` and `tenant`, created on first use."""
+        return self._lane_for(self.require_ready(), shapes, caps, priority, tenant)
 
-    def _lane_for(self, info: ModelInfo, shapes: tuple[tuple[int, ...], ...], caps: tuple[int, ...]) -> LaneEntry:
+    def _lane_for(self, info: ModelInfo, shapes: tuple[tuple[int, ...], ...], caps: tuple[int, ...],
+                  priority: int = 0, tenant: str = "") -> LaneEntry:
         caps = caps or (0,) * len(shapes)
-        key = lane_key(shapes, caps)
+        level = info.level(priority)
+        share_class, tenant = self.tenants.resolve(check_tenant(tenant, self.name))
+        key = lane_key(shapes, caps, sched_key(level, share_class))
         with self.lock:
             if self.state not in (READY, LOADING):  # draining: start_draining retires lanes under this lock
                 raise ModelNotReadyError(f"model '{self.name}' is not ready: {self.reason or self.state}")
@@ -366,9 +379,9 @@ class ModelRuntime:
                 return entry
             if len(self.lanes) >= self.options.max_lanes_per_model and not self._evict_idle_lane():
                 raise InvalidInputError(
-                    f"model '{self.name}': too many distinct input shapes in use at once "
-                    f"(at most {self.options.max_lanes_per_model})")
-            entry = self._create_lane(info, shapes, caps)
+                    f"model '{self.name}': too many distinct input shapes, priorities and tenants in use at once "
+                    f"(at most {self.options.max_lanes_per_model} lanes)")
+            entry = self._create_lane(info, shapes, caps, level, share_class, tenant)
             self.lanes[key] = entry
             return entry
 
@@ -384,8 +397,10 @@ class ModelRuntime:
             lane.seal()
             for w in self.workers:
                 w.call(("drop", entry.layout.lane_id))
+            by_tenant = self.evicted_tenant_counters.setdefault(entry.tenant, {})
             for k, v in lane.counters().items():
                 self.evicted_counters[k] = self.evicted_counters.get(k, 0) + int(v)
+                by_tenant[k] = by_tenant.get(k, 0) + int(v)
             del self.lanes[key]
             log.debug("model '%s': evicted idle lane %d", self.name, entry.layout.lane_id)
             return True
@@ -402,7 +417,8 @@ class ModelRuntime:
             dims.append(shape[1:] if info.batching else shape)
         return dims
 
-    def _create_lane(self, info: ModelInfo, shapes: tuple[tuple[int, ...], ...], caps: tuple[int, ...]) -> LaneEntry:
+    def _create_lane(self, info: ModelInfo, shapes: tuple[tuple[int, ...], ...], caps: tuple[int, ...],
+                     level: int = 0, share_class: int = 0, tenant: str = "") -> LaneEntry:
         out_dims = self._output_dims(info, shapes)
         # BYTES outputs get the larger of the inputs' capacity and the configured one
         out_cap = max([*caps, int(self.spec.parameters.get("kernelport.bytes_output_capacity", 256))
@@ -419,7 +435,8 @@ class ModelRuntime:
         nslots = max(2, min(nslots, LANE_BYTES_BUDGET // max(1, slot_bytes)))  # large tensors: fewer slots
         layout = LaneLayout(lane_id, nslots, max_batch, info.batching, tensors, len(info.inputs))
         size = layout.required_size()
-        layout = LaneLayout(lane_id, layout.nslots, max_batch, info.batching, tensors, len(info.inputs), size)
+        layout = LaneLayout(lane_id, layout.nslots, max_batch, info.batching, tensors, len(info.inputs), size,
+                            priority=level, share_class=share_class, weight=self.tenants.policy.weight(tenant))
         log.debug("model '%s': lane %d for %s (%d bytes)", self.name, lane_id, shapes, size)
         seg = _kpcore.Segment.create(size, f"kp-{self.name}-lane{lane_id}")
         view = LaneView.attach(layout, seg, self.doorbell, init=True)
@@ -429,12 +446,23 @@ class ModelRuntime:
                 w.call(("lane", layout.to_dict()), fds=(fd,))
             finally:
                 os.close(fd)
-        return LaneEntry(layout, seg, view, time.monotonic())
+        return LaneEntry(layout, seg, view, time.monotonic(), tenant)
 
     def reclaim(self, owner: int) -> int:
         with self.lock:
             lanes = list(self.lanes.values())
         return sum(int(lane.view.lane.reclaim(owner)) for lane in lanes)
+
+    def tenant_counters(self) -> dict[str, dict[str, int]]:
+        """Lane counters summed by tenant ('' : requests without one, or beyond max_tenants)."""
+        with self.lock:
+            out = {t: dict(c) for t, c in self.evicted_tenant_counters.items()}
+            lanes = list(self.lanes.values())
+        for lane in lanes:
+            total = out.setdefault(lane.tenant, {})
+            for k, v in lane.view.lane.counters().items():
+                total[k] = total.get(k, 0) + int(v)
+        return out
 
     def counters(self) -> dict[str, int]:
         with self.lock:
@@ -531,16 +559,21 @@ __all__ = ["LaneEntry", "ModelRuntime", "ServerOptions", "WorkerHandle", "batch_
 
 
 def _queue_policy(config: Any) -> dict[str, Any]:
-    """dynamic_batching.default_queue_policy, as the clients apply it (timeouts with REJECT; DELAY
-    keeps requests waiting, so it sets no deadline here)."""
-    if not config.HasField("dynamic_batching") or not config.dynamic_batching.HasField("default_queue_policy"):
+    """dynamic_batching.default_queue_policy and priority_queue_policy, as the clients apply them
+    (timeouts with REJECT; DELAY keeps requests waiting, so it sets no deadline here)."""
+    if not config.HasField("dynamic_batching"):
         return {}
-    qp = config.dynamic_batching.default_queue_policy
-    reject = qp.timeout_action == 0  # REJECT
-    return {
-        "queue_timeout_us": int(qp.default_timeout_microseconds) if reject else 0,
-        "allow_timeout_override": bool(qp.allow_timeout_override) and reject,
-    }
+    db = config.dynamic_batching
+
+    def timeout(qp: Any) -> tuple[int, bool]:
+        reject = qp.timeout_action == 0  # REJECT
+        return (int(qp.default_timeout_microseconds) if reject else 0), bool(qp.allow_timeout_override) and reject
+
+    out: dict[str, Any] = {"level_queue": tuple((int(level), *timeout(qp))
+                                                for level, qp in sorted(db.priority_queue_policy.items()))}
+    if db.HasField("default_queue_policy"):
+        out["queue_timeout_us"], out["allow_timeout_override"] = timeout(db.default_queue_policy)
+    return out
 
 
 def _max_queue_size(config: Any) -> int:

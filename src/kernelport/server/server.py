@@ -21,6 +21,7 @@ from kernelport.client.bytes_codec import MAX_CAPACITY, capacity_for
 from kernelport.errors import InvalidInputError, KernelPortError, ServerUnavailableError
 from kernelport.server.dataplane import DataPlane
 from kernelport.server.models import ModelRuntime, ServerOptions
+from kernelport.server.scheduling import check_tenant, parse_priority
 from kernelport.server.wire import ConnectionClosed, recv_msg, send_msg
 
 log = logging.getLogger("kernelport.server")
@@ -255,7 +256,8 @@ class Server:
                 if not isinstance(cap, int) or (cap != 0) != t.is_bytes or (
                         t.is_bytes and (cap != capacity_for(cap) or cap > MAX_CAPACITY)):
                     raise InvalidInputError(f"model '{name}' input '{t.name}': bad element capacity {cap!r}")
-            entry = dp.models[name].lane_for(tuple(per_sample), tuple(caps))
+            entry = dp.models[name].lane_for(tuple(per_sample), tuple(caps), parse_priority(msg.get("priority"), name),
+                                             check_tenant(msg.get("tenant"), name))
             models_used.add(name)
             return {"lane": entry.layout.to_dict()}, [entry.segment.dup_fd()]
         if op == "status":
@@ -273,7 +275,8 @@ class Server:
                 dp.unload(name)
             return {"ok": True}, []
         if op == "counters":
-            return {"counters": dp.counters(str(msg.get("model", "")))}, []
+            name = str(msg.get("model", ""))
+            return {"counters": dp.counters(name), "tenants": dp.tenant_counters(name)}, []
         raise InvalidInputError(f"unknown request {op!r}")
 
 

@@ -54,6 +54,7 @@ class Worker:
         self.lane_ids: list[int] = []
         self.lanes: list[LaneView] = []
         self.raw_lanes: list[Any] = []
+        self.sched = _kpcore.Scheduler()  # priority levels and tenant shares among the lanes
         self.runners: dict[tuple[int, int, int], Callable[[], None]] = {}
         self.batching = True
         self.parent = os.getppid()
@@ -107,6 +108,7 @@ class Worker:
                     self.lane_ids.append(layout.lane_id)
                     self.lanes.append(view)
                     self.raw_lanes.append(view.lane)
+                    self._schedule()
                     self.conn.send(("ok", layout.lane_id))
                 except Exception as e:  # report, keep serving the other lanes
                     self.conn.send(("error", f"cannot map lane: {e}"))
@@ -116,6 +118,7 @@ class Worker:
                     i = self.lane_ids.index(lane_id)
                     del self.lane_ids[i], self.lanes[i], self.raw_lanes[i]
                     self.runners.clear()
+                    self._schedule()
                 self.conn.send(("ok", lane_id))
             elif op == "shapes":
                 try:
@@ -129,6 +132,12 @@ class Worker:
             else:
                 self.conn.send(("error", f"unknown control message {op!r}"))
         return True
+
+    def _schedule(self) -> None:
+        """Tell the scheduler each lane's priority level and tenant class (by its place in the list)."""
+        for i, view in enumerate(self.lanes):
+            lay = view.layout
+            self.sched.set_lane(i, lay.priority, lay.share_class, lay.weight)
 
     # ---- the batching loop ----
 
@@ -170,9 +179,10 @@ class Worker:
         next_batch = _kpcore.next_batch
         clock = time.perf_counter_ns
         stats = self.stats
+        sched = self.sched
         while True:
             rc = next_batch(self.raw_lanes, self.bell, p.window, p.close_at, p.commit_timeout, 0.1,
-                            p.pause_iters, p.idle_spin)
+                            p.pause_iters, p.idle_spin, sched)
             if type(rc) is tuple:
                 li, seq, n, live = rc
                 lane = self.raw_lanes[li]
