@@ -79,6 +79,12 @@ def _models(args: argparse.Namespace) -> int:
     return run_models(args)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from kernelport.cli.bench import run_bench
+
+    return run_bench(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kernelport", description="KernelPort inference server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     mo.add_argument("name", nargs="?")
     mo.add_argument("--socket", default="/tmp/kernelport.sock")
     mo.set_defaults(func=_models)
+
+    b = sub.add_parser("bench", help="latency and throughput of a served model (local, gRPC or HTTP path)")
+    from kernelport.cli.bench import add_arguments as bench_arguments
+
+    bench_arguments(b)
+    b.set_defaults(func=_bench)
 
     e = sub.add_parser("examples", help="write the bundled example model repository")
     e.add_argument("path")
