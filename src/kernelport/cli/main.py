@@ -49,10 +49,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.grpc_port is None and any(v is not None for v in security.values()):
         print("kernelport: the --grpc-tls-* and --grpc-token-file options need --grpc-port", file=sys.stderr)
         return 2
+    http_security = {
+        "http_tls_cert": args.http_tls_cert, "http_tls_key": args.http_tls_key,
+        "http_tls_client_ca": args.http_tls_client_ca, "http_token_file": args.http_token_file,
+    }
+    if args.http_port is None and any(v is not None for v in http_security.values()):
+        print("kernelport: the --http-tls-* and --http-token-file options need --http-port", file=sys.stderr)
+        return 2
     try:
         serve_forever(options, grpc_port=args.grpc_port, grpc_host=args.grpc_host,
                       allow_client_shm=args.allow_client_shm, **security, http_port=args.http_port,
-                      http_host=args.http_host, http_max_body_bytes=int(args.http_max_body_mb * (1 << 20)))
+                      http_host=args.http_host, http_max_body_bytes=int(args.http_max_body_mb * (1 << 20)),
+                      **http_security)
     except KernelPortError as e:
         print(f"kernelport: {e}", file=sys.stderr)
         return 2
@@ -111,6 +119,17 @@ def main(argv: list[str] | None = None) -> int:
                         "(server/model metadata, config, model ready, statistics, repository index), "
                         "repository (load/unload), shm (shared-memory register/unregister/status), health "
                         "(server live/ready, grpc.health), or '*' for every RPC; groups not listed stay open")
+    s.add_argument("--http-tls-cert", metavar="FILE", help="serve HTTP over TLS only (HTTPS), with this PEM "
+                                                         "certificate chain")
+    s.add_argument("--http-tls-key", metavar="FILE", help="the PEM private key of --http-tls-cert")
+    s.add_argument("--http-tls-client-ca", metavar="FILE",
+                   help="mutual TLS: require HTTP clients to present a certificate signed by this PEM CA bundle")
+    s.add_argument("--http-token-file", metavar="FILE",
+                   help="require 'Authorization: Bearer <token>' on HTTP requests; the --grpc-token-file format "
+                        "and groups: infer (POST .../infer), metadata (server and model metadata, config, model "
+                        "ready, statistics, repository index, /metrics), repository (load/unload), health "
+                        "(/v2/health/live, /v2/health/ready), or '*' for every path; groups not listed stay "
+                        "open; a refused request gets 401 with a JSON error")
     s.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default=None,
                    help="none: load every model at start, refuse load/unload requests (Triton's default); "
                         "explicit: load only the --load-model ones at start, allow load/unload; poll: load every "
