@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         model_control_mode=args.model_control_mode,
         load_models=tuple(args.load_model),
         poll_secs=args.repository_poll_secs if args.repository_poll_secs is not None else 15.0,
+        preset=args.preset,
     )
     security = {
         "grpc_tls_cert": args.grpc_tls_cert, "grpc_tls_key": args.grpc_tls_key,
@@ -141,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --model-control-mode explicit: a model to load at start (repeatable; '*': all)")
     s.add_argument("--repository-poll-secs", type=float, default=None, metavar="N",
                    help="with --model-control-mode poll: seconds between rescans of the repository (default 15)")
+    s.add_argument("--preset", choices=["latency", "throughput"], default=None,
+                   help="batching and instance policy for every model: latency (no queue delay, batch what is "
+                        "waiting, 1 instance, short client spin) or throughput (a 500 us window or the config's, "
+                        "close at the largest preferred batch size or max_batch_size, 2 CPU instances); fields "
+                        "the config states win, and a model's 'kernelport.preset' parameter wins over this")
     s.add_argument("--commit-timeout-ms", type=float, default=500.0,
                    help="how long a claimed row may stay uncommitted before its batch runs without it")
     s.add_argument("--lane-slots", type=int, default=8,

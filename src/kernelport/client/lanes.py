@@ -67,6 +67,7 @@ class ModelInfo:
     versions: tuple[str, ...] = ("1",)
     queue_timeout_us: int = 0  # dynamic_batching.default_queue_policy (REJECT): 0 = none
     allow_timeout_override: bool = False
+    client_spin_us: float | None = None  # the model's hint for how long a waiting client stays awake
 
     @property
     def batching(self) -> bool:
@@ -85,6 +86,7 @@ class ModelInfo:
             "versions": list(self.versions),
             "queue_timeout_us": self.queue_timeout_us,
             "allow_timeout_override": self.allow_timeout_override,
+            "client_spin_us": self.client_spin_us,
         }
 
     @classmethod
@@ -102,6 +104,7 @@ class ModelInfo:
             versions=tuple(str(v) for v in d.get("versions", ["1"])),
             queue_timeout_us=int(d.get("queue_timeout_us", 0)),
             allow_timeout_override=bool(d.get("allow_timeout_override", False)),
+            client_spin_us=None if d.get("client_spin_us") is None else float(d["client_spin_us"]),
         )
 
     def queue_timeout(self, requested: float | None) -> float:

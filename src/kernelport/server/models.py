@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 import _kpcore
+from kernelport.batching.presets import CLIENT_SPIN_PARAMETER, apply_preset, model_preset
 from kernelport.client.bytes_codec import capacity_for
 from kernelport.client.lanes import (
     SERVER_OWNER,
@@ -70,6 +71,7 @@ class ServerOptions:
     model_control_mode: str | None = None
     load_models: tuple[str, ...] = ()
     poll_secs: float = 15.0
+    preset: str | None = None  # "latency" | "throughput" (kernelport.batching.presets); a model's own wins
 
 
 class WorkerError(KernelPortError):
@@ -190,10 +192,12 @@ class ModelRuntime:
         entry = self.entry
         platform = entry.platform
         model_path = entry.model_file()
-        config_bytes = entry.config.SerializeToString()
+        preset = model_preset(entry.config, self.options.preset)
+        base = apply_preset(entry.config, preset)  # instances now; batching again once completed
+        config_bytes = base.SerializeToString()
         count = 1
-        if entry.has_config and len(entry.config.instance_group):
-            count = sum(max(1, g.count) * max(1, len(g.gpus)) for g in entry.config.instance_group)
+        if len(base.instance_group):
+            count = sum(max(1, g.count) * max(1, len(g.gpus)) for g in base.instance_group)
         ctx = multiprocessing.get_context("spawn")
         from kernelport.workers.main import worker_main
 
@@ -225,7 +229,7 @@ class ModelRuntime:
         ins = [TensorSig(t["name"], t["datatype"], tuple(t["shape"])) for t in rep["inputs"]]
         outs = [TensorSig(t["name"], t["datatype"], tuple(t["shape"])) for t in rep["outputs"]]
         can_batch = all(len(t.shape) > 0 and t.shape[0] == -1 for t in ins + outs)
-        config = complete_config(entry.config, ins, outs, can_batch, model_name=self.name)
+        config = apply_preset(complete_config(base, ins, outs, can_batch, model_name=self.name), preset)
         spec = ModelSpec.from_proto(config, source=os.path.join(entry.path, "config.pbtxt"), model_name=self.name)
         self.spec = spec
         self.info = ModelInfo(
@@ -235,6 +239,7 @@ class ModelRuntime:
             outputs=tuple(TensorInfo(t.name, t.datatype, t.dims) for t in spec.outputs),
             platform=spec.platform or entry.platform,
             versions=tuple(str(v) for v in entry.selected_versions),
+            client_spin_us=_client_spin(spec.parameters, self.name),
             **_queue_policy(config),
         )
         for t in spec.inputs + spec.outputs:
@@ -510,6 +515,21 @@ def _warmup_file(filename: str, model_dir: str, dtype: np.dtype[Any], dims: tupl
         raise ConfigError(f"{label}: warmup/{filename} holds {len(data)} bytes, one sample needs {need}")
     one = np.frombuffer(data, dtype).reshape(dims)
     return np.ascontiguousarray(np.broadcast_to(one, shape))
+
+
+def _client_spin(params: dict[str, str], model: str) -> float | None:
+    """The config's hint to local clients (microseconds awake before sleeping), or None."""
+    value = params.get(CLIENT_SPIN_PARAMETER)
+    if value is None:
+        return None
+    try:
+        spin = float(value)
+    except ValueError:
+        spin = -1.0
+    if not 0 <= spin <= 1e6:
+        raise ConfigError(f"model '{model}': parameter {CLIENT_SPIN_PARAMETER} must be 0 to 1000000 "
+                          f"microseconds, got {value[:40]!r}")
+    return spin
 
 
 def _policy_overrides(params: dict[str, str]) -> dict[str, Any]:
