@@ -47,6 +47,7 @@ LOADING = "LOADING"
 UNAVAILABLE = "UNAVAILABLE"
 UNLOADING = "UNLOADING"
 CRASH_WINDOW_S = 60.0
+LOAD_PROGRESS_S = 10.0  # a line every this many seconds while a model's workers load
 LANE_BYTES_BUDGET = 256 << 20  # a lane of large tensors gets fewer slots (but always 2)
 LANE_COUNTERS = ("claims", "batches", "rows", "client_sleeps", "worker_sleeps", "commit_timeouts", "full_waits",
                  "abandoned_rows", "failed_batches", "expired_requests")
@@ -184,9 +185,11 @@ class ModelRuntime:
         self.state = READY
         self.reason = ""
         assert self.spec is not None
-        log.info("loaded model '%s' (%s %s on %s, %d instance%s, max_batch_size %d) in %.2f s",
+        preset = self.spec.parameters.get("kernelport.preset")
+        log.info("loaded model '%s' (%s %s on %s, %d instance%s, max_batch_size %d%s) in %.2f s",
                  self.name, self.entry.platform, self.framework, self.device, len(self.workers),
-                 "" if len(self.workers) == 1 else "s", self.spec.max_batch_size, self.load_seconds)
+                 "" if len(self.workers) == 1 else "s", self.spec.max_batch_size,
+                 f", preset {preset}" if preset else "", self.load_seconds)
 
     def _load(self) -> None:
         entry = self.entry
@@ -213,9 +216,14 @@ class ModelRuntime:
             child.close()
             self.workers.append(WorkerHandle(p, parent, i))
         reports = []
+        t0 = time.monotonic()
         for w in self.workers:
-            if not w.conn.poll(self.options.load_timeout):
-                raise WorkerError(f"model '{self.name}': worker did not load within {self.options.load_timeout:.0f} s")
+            while not w.conn.poll(min(LOAD_PROGRESS_S, max(0.0, t0 + self.options.load_timeout - time.monotonic()))):
+                waited = time.monotonic() - t0
+                if waited >= self.options.load_timeout:
+                    raise WorkerError(f"model '{self.name}': worker did not load within "
+                                      f"{self.options.load_timeout:.0f} s")
+                log.info("model '%s': still loading (%.0f s)", self.name, waited)
             try:
                 kind, payload = w.conn.recv()
             except EOFError:
