@@ -185,3 +185,16 @@ def test_unknown_model_and_missing_address_fail_with_a_message(served: ServerPro
     assert r.returncode == 2 and "no_such_model" in r.stderr
     r = _bench("-m", "add_sub", "--path", "grpc", "-n", "5")
     assert r.returncode == 2 and "--grpc" in r.stderr
+
+
+def test_http_path_matches_server_statistics(served: ServerProcess) -> None:
+    grpc_url = f"127.0.0.1:{served.grpc_port}"
+    before = _success_count(grpc_url, "add_sub")
+    r = _bench("-m", "add_sub", "--http", f"127.0.0.1:{served.http_port}", "-n", "60", "--warmup", "4", "-b", "3",
+               "--json", "-")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _success_count(grpc_url, "add_sub") - before == 64
+    result = json.loads(r.stdout)
+    assert (result["path"], result["count"], result["batch"]) == ("http", 60, 3)
+    # the statistics read over HTTP: 60 requests of 3 samples each
+    assert result["server"]["success"] == 60 and result["server"]["inference_count"] == 180

@@ -228,32 +228,41 @@ def run_clients(job: ClientJob, target: Target, concurrency: int, *,
 
 def _run_in_thread(job: ClientJob, target: Target, at_start: Callable[[], None],
                    on_progress: Callable[[int, float], None] | None, interval: float) -> ClientResult:
+    """One client in a thread; `at_start` runs in the caller's thread (tritonclient.http's connections
+    belong to the thread, gevent's hub, that made them), between the warm-up and the timed requests."""
     progress = [0]
     out: list[Any] = []
-    go = threading.Event()
-    t0 = [0.0]
+    warm, go = threading.Event(), threading.Event()
 
     def all_warm() -> None:
-        at_start()
-        t0[0] = time.monotonic()
-        go.set()
+        warm.set()
+        go.wait()
 
     def body() -> None:
         try:
             out.append(_client_run(job, target, progress, 0, all_warm))
         except BaseException as exc:  # re-raised in the caller's thread
             out.append(exc)
+        finally:
+            warm.set()
 
     t = threading.Thread(target=body, name="kp-bench-client", daemon=True)
     t.start()
+    warm.wait()
+    try:
+        if t.is_alive() and not out:
+            at_start()
+    finally:
+        go.set()
+    t0 = time.monotonic()
     while t.is_alive():
         t.join(interval)
-        if on_progress is not None and go.is_set():
-            on_progress(progress[0], time.monotonic() - t0[0])
+        if on_progress is not None:
+            on_progress(progress[0], time.monotonic() - t0)
     if isinstance(out[0], BaseException):
         raise RuntimeError(f"client 0: {type(out[0]).__name__}: {out[0]}") from out[0]
     if on_progress is not None:
-        on_progress(progress[0], time.monotonic() - t0[0])
+        on_progress(progress[0], time.monotonic() - t0)
     return out[0]
 
 
