@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how requests are sent: local-copy (Client.infer), local-zero-copy (Client.request, "
                         "inputs written into the rows), grpc (tritonclient.grpc, tensors in the messages), "
                         "grpc-shm (system shared memory), http (tritonclient.http, binary tensors). Default: "
-                        "http with --http, grpc with --grpc, else local-zero-copy")
+                        "http with --http, grpc with --grpc, else local-zero-copy (local-copy for a model with "
+                        "BYTES inputs)")
     p.add_argument("-c", "--concurrency", type=int, default=1,
                    help="clients sending requests at once (1: a thread of this process; more: client processes)")
     g = p.add_mutually_exclusive_group()
@@ -215,6 +216,8 @@ def run_bench(args: argparse.Namespace) -> int:
         if not batched and args.batch != 1:
             return _fail(f"model '{args.model}' does not batch: --batch must be 1")
         inputs = make_inputs(info, args.batch, args.seed, _shapes(args.shape))
+        if args.path is None and path == "local-zero-copy" and any(a.dtype == object for a in inputs.values()):
+            path, label = "local-copy", f"local-copy ({socket_path})"  # BYTES: the copy form serves them
     except Exception as e:  # noqa: BLE001 (the CLI reports any failure to reach the model)
         return _fail(f"{label}: {e}")
     requests = args.requests if args.requests is not None or args.duration is not None else DEFAULT_REQUESTS
