@@ -1,8 +1,8 @@
 """Presets: a batching and instance policy chosen by name, for the whole server (`kernelport serve
 --preset`) or one model (config parameter `kernelport.preset`, which wins over the server's).
 
-- `latency`: no queue delay (a slot runs as soon as the worker is free, with whatever rows are ready:
-  batch what is waiting), one instance, and a short client spin (`LATENCY_CLIENT_SPIN_US`) so a waiting
+- `latency`: no queue delay (as soon as the worker is free it closes the slot with the rows claimed by
+  then, and runs it once they are committed: batch what is waiting), one instance, and a short client spin (`LATENCY_CLIENT_SPIN_US`) so a waiting
   local client is awake when a fast answer comes without holding a core for long.
 - `throughput`: a batching window (`THROUGHPUT_WINDOW_US`, or the config's own), a slot closing at the
   largest preferred batch size or at max_batch_size, `THROUGHPUT_CPU_INSTANCES` instances unless the model
