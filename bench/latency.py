@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import gc
 import json
 import multiprocessing as mp
 import os
@@ -76,6 +75,7 @@ from _bench_clients import (
 )
 from _bench_models import BACKEND_MODELS, FLOORS, build_backend_models, load_weights, reference
 from kernelport import Client
+from kernelport.benchmark.measure import percentiles_us, time_calls, time_for
 from kernelport.server.process import ServerProcess, free_port
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -198,39 +198,6 @@ def floor_framework(model: str) -> str:
 # ---- measuring ---------------------------------------------------------------------------------------
 
 
-def time_calls(call: Callable[[], None], warmup: int, n: int) -> np.ndarray:
-    """Latencies in ns of `n` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        call()
-    gc.collect()
-    clock = time.perf_counter_ns
-    out = np.empty(n, dtype=np.int64)
-    for i in range(n):
-        t0 = clock()
-        call()
-        out[i] = clock() - t0
-    return out
-
-
-def time_for(call: Callable[[], None], warmup_s: float, duration_s: float) -> tuple[np.ndarray, float]:
-    """Calls for `duration_s` after `warmup_s` of warm-up: (latencies ns, elapsed s)."""
-    clock = time.perf_counter_ns
-    end = clock() + int(warmup_s * 1e9)
-    call()
-    while clock() < end:
-        call()
-    gc.collect()
-    lat: list[int] = []
-    start = now = clock()
-    deadline = start + int(duration_s * 1e9)
-    while now < deadline:
-        t0 = clock()
-        call()
-        now = clock()
-        lat.append(now - t0)
-    return np.asarray(lat, dtype=np.int64), (now - start) / 1e9
-
-
 def _cpu_times() -> tuple[int, int]:
     """(busy, total) jiffies over all CPUs, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -319,11 +286,6 @@ class ForeignLoad:
             return None
         busy, total, ours = (e - s for e, s in zip(end, self._start))
         return min(1.0, max(0.0, (busy - ours) / total))
-
-
-def percentiles_us(ns: np.ndarray) -> tuple[float, float]:
-    p50, p99 = np.percentile(ns, [50, 99])
-    return float(p50) / 1e3, float(p99) / 1e3
 
 
 def counters_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:

@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         model_control_mode=args.model_control_mode,
         load_models=tuple(args.load_model),
         poll_secs=args.repository_poll_secs if args.repository_poll_secs is not None else 15.0,
+        preset=args.preset,
     )
     security = {
         "grpc_tls_cert": args.grpc_tls_cert, "grpc_tls_key": args.grpc_tls_key,
@@ -49,10 +50,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.grpc_port is None and any(v is not None for v in security.values()):
         print("kernelport: the --grpc-tls-* and --grpc-token-file options need --grpc-port", file=sys.stderr)
         return 2
+    http_security = {
+        "http_tls_cert": args.http_tls_cert, "http_tls_key": args.http_tls_key,
+        "http_tls_client_ca": args.http_tls_client_ca, "http_token_file": args.http_token_file,
+    }
+    if args.http_port is None and any(v is not None for v in http_security.values()):
+        print("kernelport: the --http-tls-* and --http-token-file options need --http-port", file=sys.stderr)
+        return 2
     try:
         serve_forever(options, grpc_port=args.grpc_port, grpc_host=args.grpc_host,
                       allow_client_shm=args.allow_client_shm, **security, http_port=args.http_port,
-                      http_host=args.http_host, http_max_body_bytes=int(args.http_max_body_mb * (1 << 20)))
+                      http_host=args.http_host, http_max_body_bytes=int(args.http_max_body_mb * (1 << 20)),
+                      **http_security)
     except KernelPortError as e:
         print(f"kernelport: {e}", file=sys.stderr)
         return 2
@@ -77,6 +86,12 @@ def _models(args: argparse.Namespace) -> int:
     from kernelport.cli.status import run_models
 
     return run_models(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from kernelport.cli.bench import run_bench
+
+    return run_bench(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +120,17 @@ def main(argv: list[str] | None = None) -> int:
                         "(server/model metadata, config, model ready, statistics, repository index), "
                         "repository (load/unload), shm (shared-memory register/unregister/status), health "
                         "(server live/ready, grpc.health), or '*' for every RPC; groups not listed stay open")
+    s.add_argument("--http-tls-cert", metavar="FILE", help="serve HTTP over TLS only (HTTPS), with this PEM "
+                                                         "certificate chain")
+    s.add_argument("--http-tls-key", metavar="FILE", help="the PEM private key of --http-tls-cert")
+    s.add_argument("--http-tls-client-ca", metavar="FILE",
+                   help="mutual TLS: require HTTP clients to present a certificate signed by this PEM CA bundle")
+    s.add_argument("--http-token-file", metavar="FILE",
+                   help="require 'Authorization: Bearer <token>' on HTTP requests; the --grpc-token-file format "
+                        "and groups: infer (POST .../infer), metadata (server and model metadata, config, model "
+                        "ready, statistics, repository index, /metrics), repository (load/unload), health "
+                        "(/v2/health/live, /v2/health/ready), or '*' for every path; groups not listed stay "
+                        "open; a refused request gets 401 with a JSON error")
     s.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default=None,
                    help="none: load every model at start, refuse load/unload requests (Triton's default); "
                         "explicit: load only the --load-model ones at start, allow load/unload; poll: load every "
@@ -116,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --model-control-mode explicit: a model to load at start (repeatable; '*': all)")
     s.add_argument("--repository-poll-secs", type=float, default=None, metavar="N",
                    help="with --model-control-mode poll: seconds between rescans of the repository (default 15)")
+    s.add_argument("--preset", choices=["latency", "throughput"], default=None,
+                   help="batching and instance policy for every model: latency (no queue delay, batch what is "
+                        "waiting, 1 instance, short client spin) or throughput (a 500 us window or the config's, "
+                        "close at the largest preferred batch size or max_batch_size, 2 CPU instances); fields "
+                        "the config states win, and a model's 'kernelport.preset' parameter wins over this")
     s.add_argument("--commit-timeout-ms", type=float, default=500.0,
                    help="how long a claimed row may stay uncommitted before its batch runs without it")
     s.add_argument("--lane-slots", type=int, default=8,
@@ -143,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     mo.add_argument("name", nargs="?")
     mo.add_argument("--socket", default="/tmp/kernelport.sock")
     mo.set_defaults(func=_models)
+
+    b = sub.add_parser("bench", help="latency and throughput of a served model (local, gRPC or HTTP path)")
+    from kernelport.cli.bench import add_arguments as bench_arguments
+
+    bench_arguments(b)
+    b.set_defaults(func=_bench)
 
     e = sub.add_parser("examples", help="write the bundled example model repository")
     e.add_argument("path")

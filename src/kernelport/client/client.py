@@ -40,17 +40,21 @@ class _Model:
         self.lanes: dict[str, LaneView] = {}
 
 
+DEFAULT_SPIN_US = 50.0  # how long a waiting client stays awake before it sleeps, unless told
+
 class Client:
     """A local client of a KernelPort server, over its unix socket. Thread-safe."""
 
-    def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT, spin_microseconds: float = 50.0,
-                 tenant: str | None = None) -> None:
+    def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT,
+                 spin_microseconds: float | None = None, tenant: str | None = None) -> None:
         """`tenant`: the scheduling class this client's requests count against (models share a busy
         instance between tenants by weight); a request's own `tenant=` overrides it."""
         self.socket_path = socket_path
         self.tenant = tenant or ""
         self.timeout = timeout
-        self.spin = spin_microseconds / 1e6
+        # None: the model's hint (config parameter kernelport.client_spin_microseconds, or a preset's),
+        # else DEFAULT_SPIN_US
+        self.spin = None if spin_microseconds is None else spin_microseconds / 1e6
         self._lock = threading.Lock()  # one handshake at a time on the socket
         self._models: dict[str, _Model] = {}
         self._closed = False
@@ -125,7 +129,9 @@ class Client:
                 _close_fd(fd)
         seg.close_fd()
         view = LaneView.attach(layout, seg, m.doorbell)
-        view.lane.set_spin(2000, self.spin)
+        hint = m.info.client_spin_us
+        view.lane.set_spin(2000, self.spin if self.spin is not None else
+                           (DEFAULT_SPIN_US if hint is None else hint) / 1e6)
         m.lanes[key] = view
         return view
 
@@ -329,7 +335,7 @@ class AsyncClient:
     @classmethod
     async def connect(cls, socket_path: str, timeout: float = DEFAULT_TIMEOUT,
                       tenant: str | None = None) -> AsyncClient:
-        return cls(await asyncio.to_thread(Client, socket_path, timeout, 50.0, tenant))
+        return cls(await asyncio.to_thread(Client, socket_path, timeout, None, tenant))
 
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
                     timeout: float | None = None, queue_timeout: float | None = None, priority: int = 0,

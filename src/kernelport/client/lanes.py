@@ -71,6 +71,7 @@ class ModelInfo:
     default_priority: int = 0
     # dynamic_batching.priority_queue_policy, as (level, timeout_us, allow_timeout_override)
     level_queue: tuple[tuple[int, int, bool], ...] = ()
+    client_spin_us: float | None = None  # the model's hint for how long a waiting client stays awake
 
     @property
     def batching(self) -> bool:
@@ -92,6 +93,7 @@ class ModelInfo:
             "priority_levels": self.priority_levels,
             "default_priority": self.default_priority,
             "level_queue": [list(x) for x in self.level_queue],
+            "client_spin_us": self.client_spin_us,
         }
 
     @classmethod
@@ -112,6 +114,7 @@ class ModelInfo:
             priority_levels=int(d.get("priority_levels", 0)),
             default_priority=int(d.get("default_priority", 0)),
             level_queue=tuple((int(x[0]), int(x[1]), bool(x[2])) for x in d.get("level_queue", ())),
+            client_spin_us=None if d.get("client_spin_us") is None else float(d["client_spin_us"]),
         )
 
     def level(self, priority: int) -> int:

@@ -1,4 +1,4 @@
-"""Security of the gRPC front end: TLS credentials and bearer tokens per API group.
+"""Security of the gRPC and HTTP front ends: TLS credentials and bearer tokens per API group.
 
 TLS (`server_credentials`): a PEM certificate chain and its private key make the front end serve TLS only;
 with a client CA bundle as well, it is mutual TLS: a client must present a certificate signed by that CA,
@@ -27,6 +27,13 @@ accepted. A token is 1 to 4096 printable ASCII characters without spaces (what a
 carry). Tokens are compared in constant time (`hmac.compare_digest`) against every token of the group, and
 no error message or log line ever contains a token: an error in the file names its line number only.
 
+The HTTP front end uses the same token file format and groups (`--http-token-file`): a request needs the
+header `Authorization: Bearer <token>`; `http_group` maps its path to a group (inference to `infer`, model
+metadata, config, readiness, statistics, the repository index, server metadata and `/metrics` to
+`metadata`, load / unload to `repository`, `/v2/health/*` to `health`); a refused request gets 401 with a
+JSON error and `WWW-Authenticate: Bearer`. TLS for HTTP is the stdlib's `ssl` (`server_ssl_context`), with
+the same meaning of certificate, key and client CA.
+
 The file should be readable by the server's user only; a file that others can read is served, with a
 warning in the log.
 """
@@ -52,9 +59,12 @@ __all__ = [
     "METHOD_GROUPS",
     "BearerTokenInterceptor",
     "TokenTable",
+    "bearer_token",
+    "http_group",
     "method_group",
     "read_tls_files",
     "server_credentials",
+    "server_ssl_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +100,28 @@ METHOD_GROUPS: Mapping[str, str] = {
 def method_group(method: str) -> str | None:
     """The group of a full method path ("/inference.GRPCInferenceService/ModelInfer" -> "infer")."""
     return METHOD_GROUPS.get(method)
+
+
+def http_group(path: str) -> str | None:
+    """The group of an HTTP request path (KServe v2 REST, `kernelport.protocol.http_frontend`), or None for
+    a path of no group (covered by a `*` token only)."""
+    segs = [x for x in path.split("?", 1)[0].split("/") if x]
+    if segs == ["metrics"]:
+        return "metadata"
+    if not segs or segs[0] != "v2":
+        return None
+    rest = segs[1:]
+    if not rest:
+        return "metadata"  # server metadata
+    if rest[0] == "health":
+        return "health"
+    if rest[0] == "models":
+        return "infer" if rest[-1] == "infer" and len(rest) >= 3 else "metadata"
+    if rest[0] == "repository":
+        return "repository" if rest[-1] in ("load", "unload") and len(rest) >= 4 else "metadata"
+    if rest[0] in ("systemsharedmemory", "cudasharedmemory"):
+        return "shm"
+    return None
 
 
 def _valid_token(token: str) -> bool:
@@ -158,7 +190,10 @@ class TokenTable:
 
     def required(self, method: str) -> tuple[str, tuple[bytes, ...]] | None:
         """(group, accepted tokens) for a method path, or None when the method is open."""
-        group = method_group(method)
+        return self.required_for_group(method_group(method))
+
+    def required_for_group(self, group: str | None) -> tuple[str, tuple[bytes, ...]] | None:
+        """(group, accepted tokens) for a group (None: a method or path of no group), or None when open."""
         accepted = self.tokens.get(group, ()) if group is not None else ()
         accepted += self.tokens.get(ALL_GROUPS, ())
         if not accepted:
@@ -174,7 +209,7 @@ class TokenTable:
         return found
 
 
-def _bearer_token(metadata: Iterable[Any] | None) -> tuple[bytes | None, str]:
+def bearer_token(metadata: Iterable[Any] | None) -> tuple[bytes | None, str]:
     """The token of the request's `authorization: Bearer <token>` metadata, or None and why not."""
     values = [v for k, v in (metadata or ()) if k == "authorization"]
     if not values:
@@ -230,7 +265,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             return handler  # an unknown method answers UNIMPLEMENTED; an open group runs as is
         group, accepted = required
         rpc = method.rsplit("/", 1)[-1]
-        token, why = _bearer_token(handler_call_details.invocation_metadata)
+        token, why = bearer_token(handler_call_details.invocation_metadata)
         if token is None:
             message = (
                 f"{rpc} needs a bearer token for API group '{group}' ({why}); "
@@ -314,6 +349,21 @@ def read_tls_files(
                 f"({getattr(exc, 'reason', None) or type(exc).__name__})"
             ) from None
     return files
+
+
+def server_ssl_context(
+    cert: str | os.PathLike[str], key: str | os.PathLike[str], client_ca: str | os.PathLike[str] | None = None
+) -> ssl.SSLContext:
+    """A TLS server context (TLS 1.2 at least) for the HTTP front end; with a client CA, mutual TLS: a client
+    without a certificate signed by it fails the handshake. The files are checked as `read_tls_files` does."""
+    read_tls_files(cert, key, client_ca)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key, password=lambda: b"")
+    if client_ca is not None:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:

@@ -44,6 +44,13 @@ Inference request (Triton's rules):
 - Request bodies may be gzip or deflate encoded (`Content-Encoding`, tritonclient's request compression);
   responses are never compressed (a client asking for it gets identity, as `Accept-Encoding` allows).
 
+Security (`kernelport.protocol.auth`, the gRPC front end's rules): with an `ssl.SSLContext` the port serves
+HTTPS only (the TLS handshake runs in the connection's thread, within `HANDSHAKE_TIMEOUT_S`; with a client
+CA in the context, a client without a trusted certificate fails it). With a `TokenTable`, a request whose
+path belongs to a protected API group (`auth.http_group`) needs `Authorization: Bearer <token>`; otherwise
+it is answered 401 with `{"error": ...}` and `WWW-Authenticate: Bearer`, before its body is read (the
+connection is then closed). Tokens never appear in a response or a log line.
+
 Limits: a request body (decompressed too) is at most `max_body_bytes` (default 64 MiB): a larger
 Content-Length is answered 413 before the body is read, and the connection is closed. At most
 `max_connections` connections are served at once (one thread each); more get 503 and are closed. An idle
@@ -56,6 +63,7 @@ import json
 import logging
 import math
 import socket
+import ssl
 import threading
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -68,6 +76,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from kernelport.errors import InvalidInputError, KernelPortError, ModelNotFoundError
+from kernelport.protocol import auth
 from kernelport.protocol.grpc_frontend import (
     StatusError,
     check_byte_size,
@@ -86,6 +95,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 64 << 20
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_IDLE_TIMEOUT_S = 300.0
+HANDSHAKE_TIMEOUT_S = 10.0
 SERVER_NAME = "kernelport"
 EXTENSIONS = ("model_configuration", "model_repository", "statistics", "binary_tensor_data", "schedule_policy")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -111,11 +121,13 @@ def http_status(err: KernelPortError) -> int:
 class HttpError(Exception):
     """A protocol-level error with its HTTP status; `close`: the connection cannot be reused."""
 
-    def __init__(self, status: int, message: str, close: bool = False, allow: str = "") -> None:
+    def __init__(self, status: int, message: str, close: bool = False, allow: str = "",
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.close = close
         self.allow = allow
+        self.headers = dict(headers or {})
 
 
 @dataclass
@@ -254,8 +266,11 @@ class HttpFrontend:
 
     def __init__(self, dataplane: Any, host: str = "127.0.0.1", port: int = 8000, *,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S, metrics: Callable[[], str] | None = None) -> None:
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S, metrics: Callable[[], str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None, tokens: auth.TokenTable | None = None) -> None:
         self.dp = dataplane
+        self.ssl_context = ssl_context
+        self.tokens = tokens
         self.max_body_bytes = int(max_body_bytes)
         self.idle_timeout = float(idle_timeout)
         self.version = server_version()
@@ -311,7 +326,39 @@ class HttpFrontend:
 
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("", "0.0.0.0") else "::1" if self.host == "::" else self.host
-        return f"http://[{host.strip('[]')}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://[{host.strip('[]')}]:{self.port}" if ":" in host else f"{scheme}://{host}:{self.port}"
+
+    def _curl_options(self) -> str:
+        opts = " --cacert <CA file>" if self.ssl_context is not None else ""
+        if self.tokens is not None and self.tokens.required_for_group("infer") is not None:
+            opts += " -H 'Authorization: Bearer <token>'"
+        return opts
+
+    def check_token(self, method: str, target: str, headers: Headers) -> None:
+        """Raise HttpError 401 when the request's path is in a protected group and it carries no valid
+        `Authorization: Bearer` token (the body is not read: the connection is closed)."""
+        if self.tokens is None:
+            return
+        path = urlsplit(target).path
+        required = self.tokens.required_for_group(auth.http_group(path))
+        if required is None:
+            return
+        group, accepted = required
+        values = headers.get_all("Authorization") if isinstance(headers, Message) else (
+            [v for k, v in headers.items() if k.lower() == "authorization"])
+        token, why = auth.bearer_token([("authorization", v) for v in values or ()])
+        what = f"{method} {path[:200]}"
+        if token is None:
+            why = why.replace("metadata entry", "header").replace("metadata", "header")
+            message = (f"{what} needs a bearer token for API group '{group}' ({why}); send the header "
+                       "'Authorization: Bearer <token>'")
+        elif not self.tokens.matches(token, accepted):
+            message = f"{what}: the bearer token is not valid for API group '{group}'"
+        else:
+            return
+        log.info("refused HTTP %s", message)
+        raise HttpError(401, message, close=True, headers={"WWW-Authenticate": 'Bearer realm="kernelport"'})
 
     def how_to_call(self) -> str:
         """What a curl user needs to call the first ready model, printed once at start."""
@@ -324,13 +371,14 @@ class HttpFrontend:
             for t in spec.inputs:
                 shape = ([1] if spec.max_batch_size > 0 else []) + [d if d > 0 else 1 for d in t.dims]
                 if math.prod(shape) > 64:
-                    return "\n".join(lines + [f"    curl {url}/v2/models/{ready[0]}"])
+                    return "\n".join(lines + [f"    curl{self._curl_options()} {url}/v2/models/{ready[0]}"])
                 zero = "false" if t.datatype == "BOOL" else '""' if t.datatype == "BYTES" else "0"
                 data = ",".join([zero] * math.prod(shape))
                 inputs.append(f'{{"name":"{t.name}","shape":{json.dumps(shape, separators=(",", ":"))},'
                               f'"datatype":"{t.datatype}",'
                               f'"data":[{data}]}}')
-            lines.append(f"    curl -s {url}/v2/models/{ready[0]}/infer -d '{{\"inputs\":[{','.join(inputs)}]}}'")
+            body = f"{{\"inputs\":[{','.join(inputs)}]}}"
+            lines.append(f"    curl -s{self._curl_options()} {url}/v2/models/{ready[0]}/infer -d '{body}'")
         return "\n".join(lines)
 
     # ---- routing ----
@@ -735,6 +783,20 @@ class _HttpServer(ThreadingHTTPServer):
         self._active_lock = threading.Lock()
         super().__init__((host.strip("[]"), port), _Handler)
 
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = super().get_request()
+        context = self.frontend.ssl_context
+        if context is not None:  # the handshake runs in the connection's thread (_Handler.setup), not here
+            try:
+                sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError):
+                sock.close()
+                raise OSError("TLS wrap failed") from None
+        return sock, addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("HTTP connection from %s failed", client_address, exc_info=True)
+
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._active_lock:
             refuse = self._active >= self.max_connections
@@ -774,11 +836,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.connection.settimeout(self.server.frontend.idle_timeout)
+        self.tls_failed = False
         try:  # small responses go out at once (no Nagle wait behind the headers)
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.settimeout(HANDSHAKE_TIMEOUT_S)
+            try:
+                self.connection.do_handshake()
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: a plaintext or untrusted client
+                log.debug("TLS handshake with %s failed: %s", self.client_address, e)
+                self.tls_failed = True
+                self.close_connection = True
+        self.connection.settimeout(self.server.frontend.idle_timeout)
+
+    def handle(self) -> None:
+        if not self.tls_failed:
+            super().handle()
 
     def version_string(self) -> str:
         return f"{SERVER_NAME}/{self.server.frontend.version}"
@@ -810,12 +885,14 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if fe.closed.is_set():
                 raise HttpError(503, "the server is shutting down", close=True)
+            fe.check_token(method, self.path, self.headers)
             body = self._read_body(fe.max_body_bytes)
             resp = fe.handle(method, self.path, self.headers, body)
         except HttpError as e:
             if e.close:
                 self.close_connection = True
             resp = _error(e.status, str(e))
+            resp.headers.update(e.headers)
             if e.allow:
                 resp.headers["Allow"] = e.allow
         except KernelPortError as e:
@@ -826,8 +903,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(resp)
 
     def handle_expect_100(self) -> bool:
-        """`Expect: 100-continue` (curl sends it for large bodies): refuse a body over the limit before the
-        client sends it."""
+        """`Expect: 100-continue` (curl sends it for large bodies): refuse a body over the limit, or a request
+        without a valid token, before the client sends the body."""
+        try:
+            self.server.frontend.check_token(self.command, self.path, self.headers)
+        except HttpError as e:
+            self.close_connection = True
+            resp = _error(e.status, str(e))
+            resp.headers.update(e.headers)
+            self._send(resp)
+            return False
         limit = self.server.frontend.max_body_bytes
         length = self.headers.get("Content-Length") or "0"
         if length.strip().isdigit() and int(length) > limit:
@@ -893,12 +978,16 @@ def _decompress(data: bytes, encoding: str, limit: int) -> bytes:
 
 
 def serve_http(dataplane: Any, host: str = "127.0.0.1", port: int = 8000, *,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_connections: int = DEFAULT_MAX_CONNECTIONS) -> HttpFrontend:
-    """Start the HTTP front end on host:port (`port=0`: a free one, see `.port`) and return it.
-    Raises OSError when the address cannot be bound."""
-    fe = HttpFrontend(dataplane, host, port, max_body_bytes=max_body_bytes, max_connections=max_connections)
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+               ssl_context: ssl.SSLContext | None = None, tokens: auth.TokenTable | None = None) -> HttpFrontend:
+    """Start the HTTP front end on host:port (`port=0`: a free one, see `.port`) and return it; HTTPS with
+    `ssl_context`, bearer tokens per API group with `tokens`. Raises OSError when the address cannot be bound."""
+    fe = HttpFrontend(dataplane, host, port, max_body_bytes=max_body_bytes, max_connections=max_connections,
+                      ssl_context=ssl_context, tokens=tokens)
     fe.start()
-    log.info("HTTP front end (KServe v2 REST, /metrics) listening on %s:%d (max body %d bytes, at most %d "
-             "connections)", host, fe.port, fe.max_body_bytes, max_connections)
+    log.info("HTTP front end (KServe v2 REST, /metrics) listening on %s:%d%s (max body %d bytes, at most %d "
+             "connections)", host, fe.port, " over TLS" if ssl_context is not None else "", fe.max_body_bytes,
+             max_connections)
+    if tokens is not None:
+        log.info("HTTP bearer tokens required for: %s", ", ".join(tokens.protected_groups))
     return fe

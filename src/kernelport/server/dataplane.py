@@ -53,13 +53,15 @@ class DataPlane:
         if not selected:
             for name in sorted(wanted - set(entries) - set(errors)):
                 log.error("model '%s' (--load-model) is not in the model repository", name)
-        for name in entries:
-            if not selected and name not in wanted:
-                continue
+        names = [name for name in entries if selected or name in wanted]
+        for i, name in enumerate(names, start=1):
+            # progress: a line as each model starts loading, and one when it is loaded (with its time)
+            log.info("loading model '%s' (%d of %d)", name, i, len(names))
+            t0 = time.monotonic()
             try:
                 self._load(name)
             except KernelPortError as e:
-                log.error("model '%s' not loaded: %s", name, e)
+                log.error("model '%s' not loaded (after %.2f s): %s", name, time.monotonic() - t0, e)
         if mode == "poll":
             self.signatures = signatures
 

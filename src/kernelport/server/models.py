@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 import _kpcore
+from kernelport.batching.presets import CLIENT_SPIN_PARAMETER, apply_preset, model_preset
 from kernelport.client.bytes_codec import capacity_for
 from kernelport.client.lanes import (
     SERVER_OWNER,
@@ -47,6 +48,7 @@ LOADING = "LOADING"
 UNAVAILABLE = "UNAVAILABLE"
 UNLOADING = "UNLOADING"
 CRASH_WINDOW_S = 60.0
+LOAD_PROGRESS_S = 10.0  # a line every this many seconds while a model's workers load
 LANE_BYTES_BUDGET = 256 << 20  # a lane of large tensors gets fewer slots (but always 2)
 LANE_COUNTERS = ("claims", "batches", "rows", "client_sleeps", "worker_sleeps", "commit_timeouts", "full_waits",
                  "abandoned_rows", "failed_batches", "expired_requests")
@@ -71,6 +73,7 @@ class ServerOptions:
     model_control_mode: str | None = None
     load_models: tuple[str, ...] = ()
     poll_secs: float = 15.0
+    preset: str | None = None  # "latency" | "throughput" (kernelport.batching.presets); a model's own wins
 
 
 class WorkerError(KernelPortError):
@@ -186,18 +189,22 @@ class ModelRuntime:
         self.state = READY
         self.reason = ""
         assert self.spec is not None
-        log.info("loaded model '%s' (%s %s on %s, %d instance%s, max_batch_size %d) in %.2f s",
+        preset = self.spec.parameters.get("kernelport.preset")
+        log.info("loaded model '%s' (%s %s on %s, %d instance%s, max_batch_size %d%s) in %.2f s",
                  self.name, self.entry.platform, self.framework, self.device, len(self.workers),
-                 "" if len(self.workers) == 1 else "s", self.spec.max_batch_size, self.load_seconds)
+                 "" if len(self.workers) == 1 else "s", self.spec.max_batch_size,
+                 f", preset {preset}" if preset else "", self.load_seconds)
 
     def _load(self) -> None:
         entry = self.entry
         platform = entry.platform
         model_path = entry.model_file()
-        config_bytes = entry.config.SerializeToString()
+        preset = model_preset(entry.config, self.options.preset)
+        base = apply_preset(entry.config, preset)  # instances now; batching again once completed
+        config_bytes = base.SerializeToString()
         count = 1
-        if entry.has_config and len(entry.config.instance_group):
-            count = sum(max(1, g.count) * max(1, len(g.gpus)) for g in entry.config.instance_group)
+        if len(base.instance_group):
+            count = sum(max(1, g.count) * max(1, len(g.gpus)) for g in base.instance_group)
         ctx = multiprocessing.get_context("spawn")
         from kernelport.workers.main import worker_main
 
@@ -213,9 +220,14 @@ class ModelRuntime:
             child.close()
             self.workers.append(WorkerHandle(p, parent, i))
         reports = []
+        t0 = time.monotonic()
         for w in self.workers:
-            if not w.conn.poll(self.options.load_timeout):
-                raise WorkerError(f"model '{self.name}': worker did not load within {self.options.load_timeout:.0f} s")
+            while not w.conn.poll(min(LOAD_PROGRESS_S, max(0.0, t0 + self.options.load_timeout - time.monotonic()))):
+                waited = time.monotonic() - t0
+                if waited >= self.options.load_timeout:
+                    raise WorkerError(f"model '{self.name}': worker did not load within "
+                                      f"{self.options.load_timeout:.0f} s")
+                log.info("model '%s': still loading (%.0f s)", self.name, waited)
             try:
                 kind, payload = w.conn.recv()
             except EOFError:
@@ -229,7 +241,7 @@ class ModelRuntime:
         ins = [TensorSig(t["name"], t["datatype"], tuple(t["shape"])) for t in rep["inputs"]]
         outs = [TensorSig(t["name"], t["datatype"], tuple(t["shape"])) for t in rep["outputs"]]
         can_batch = all(len(t.shape) > 0 and t.shape[0] == -1 for t in ins + outs)
-        config = complete_config(entry.config, ins, outs, can_batch, model_name=self.name)
+        config = apply_preset(complete_config(base, ins, outs, can_batch, model_name=self.name), preset)
         spec = ModelSpec.from_proto(config, source=os.path.join(entry.path, "config.pbtxt"), model_name=self.name)
         self.spec = spec
         sched = SchedulingPolicy.from_config(config, spec.parameters, self.name)
@@ -243,6 +255,7 @@ class ModelRuntime:
             versions=tuple(str(v) for v in entry.selected_versions),
             priority_levels=sched.priority_levels,
             default_priority=sched.default_priority,
+            client_spin_us=_client_spin(spec.parameters, self.name),
             **_queue_policy(config),
         )
         for t in spec.inputs + spec.outputs:
@@ -538,6 +551,21 @@ def _warmup_file(filename: str, model_dir: str, dtype: np.dtype[Any], dims: tupl
         raise ConfigError(f"{label}: warmup/{filename} holds {len(data)} bytes, one sample needs {need}")
     one = np.frombuffer(data, dtype).reshape(dims)
     return np.ascontiguousarray(np.broadcast_to(one, shape))
+
+
+def _client_spin(params: dict[str, str], model: str) -> float | None:
+    """The config's hint to local clients (microseconds awake before sleeping), or None."""
+    value = params.get(CLIENT_SPIN_PARAMETER)
+    if value is None:
+        return None
+    try:
+        spin = float(value)
+    except ValueError:
+        spin = -1.0
+    if not 0 <= spin <= 1e6:
+        raise ConfigError(f"model '{model}': parameter {CLIENT_SPIN_PARAMETER} must be 0 to 1000000 "
+                          f"microseconds, got {value[:40]!r}")
+    return spin
 
 
 def _policy_overrides(params: dict[str, str]) -> dict[str, Any]:

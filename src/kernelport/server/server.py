@@ -284,7 +284,9 @@ def serve_forever(options: ServerOptions, grpc_port: int | None = None, grpc_hos
                   allow_client_shm: bool = False, *, grpc_tls_cert: str | None = None,
                   grpc_tls_key: str | None = None, grpc_tls_client_ca: str | None = None,
                   grpc_token_file: str | None = None, http_port: int | None = None,
-                  http_host: str = "127.0.0.1", http_max_body_bytes: int | None = None) -> None:
+                  http_host: str = "127.0.0.1", http_max_body_bytes: int | None = None,
+                  http_tls_cert: str | None = None, http_tls_key: str | None = None,
+                  http_tls_client_ca: str | None = None, http_token_file: str | None = None) -> None:
     """Run until SIGINT/SIGTERM; then shut down cleanly.
 
     The gRPC TLS files and token file (`kernelport.protocol.auth`) are read before anything starts, so a
@@ -303,6 +305,16 @@ def serve_forever(options: ServerOptions, grpc_port: int | None = None, grpc_hos
             table = auth.TokenTable.from_file(grpc_token_file)
             grpc_security["interceptors"] = [auth.BearerTokenInterceptor(table)]
             log.info("gRPC bearer tokens required for: %s", ", ".join(table.protected_groups))
+    http_security: dict[str, Any] = {}
+    if http_port is not None:
+        from kernelport.protocol import auth
+
+        if http_tls_cert is not None or http_tls_key is not None or http_tls_client_ca is not None:
+            if http_tls_cert is None or http_tls_key is None:
+                raise KernelPortError("HTTP TLS needs both --http-tls-cert and --http-tls-key")
+            http_security["ssl_context"] = auth.server_ssl_context(http_tls_cert, http_tls_key, http_tls_client_ca)
+        if http_token_file is not None:
+            http_security["tokens"] = auth.TokenTable.from_file(http_token_file)
     server = Server(options)
     done = threading.Event()
 
@@ -324,7 +336,8 @@ def serve_forever(options: ServerOptions, grpc_port: int | None = None, grpc_hos
             from kernelport.protocol.http_frontend import DEFAULT_MAX_BODY_BYTES, serve_http
 
             server.http_server = serve_http(server.dataplane, host=http_host, port=http_port,
-                                            max_body_bytes=http_max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+                                            max_body_bytes=http_max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                                            **http_security)
         names = server.dataplane.model_names()
         log.info("serving %d model(s) on %s: %s", len(names), options.socket_path, ", ".join(names))
         print(_how_to_call(server, options.socket_path, grpc_host, grpc_port), flush=True)
