@@ -41,6 +41,10 @@ MODELS = {
     "ticket_equal": (0, "dynamic_batching { }\n"),
     # about a millisecond of work per run, so that a waiting tenant is always queued again in time
     "ticket_flood": (40, "dynamic_batching { }\n"),
+    # two models confined to one CPU, one of them at a tenth of the default CPU weight
+    "share_heavy": (40, 'parameters { key: "kernelport.cpus" value: { string_value: "0" } }\n'),
+    "share_light": (40, 'parameters { key: "kernelport.cpus" value: { string_value: "0" } }\n'
+                        'parameters { key: "kernelport.model_weight" value: { string_value: "110" } }\n'),
 }
 
 
@@ -281,3 +285,52 @@ def test_scheduler_in_process_follows_levels_then_weights() -> None:
         submit(1)
     order = run(8)
     assert order[:3].count("a") >= 1, order
+
+
+def test_models_sharing_a_cpu_get_time_by_weight(sched_server: ServerProcess) -> None:
+    """kernelport.model_weight 110 (nice 10) against the default 1024, both confined to CPU 0 by
+    kernelport.cpus: while both are flooded, the heavy model runs several times as often."""
+    with Client(sched_server.socket_path) as c:
+        workers = {m: s["workers"] for m, s in c.server_status().items()}
+    for model, nice in (("share_heavy", 0), ("share_light", 10)):
+        (pid,) = workers[model]
+        assert os.sched_getaffinity(pid) == {0}
+        with open(f"/proc/{pid}/stat") as f:
+            assert int(f.read().rsplit(")", 1)[1].split()[16]) == nice  # field 19: nice
+
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def loop(model: str) -> None:
+        try:
+            with Client(sched_server.socket_path) as c:
+                while not stop.is_set():
+                    c.infer(model, {"x": X})
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    g = grpcclient.InferenceServerClient(f"127.0.0.1:{sched_server.grpc_port}")
+
+    def executions(model: str) -> int:
+        return int(g.get_inference_statistics(model).model_stats[0].execution_count)
+
+    threads = [threading.Thread(target=loop, args=(m,)) for m in ("share_heavy", "share_light") for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        threading.Event().wait(1.0)  # both busy before counting
+        before = {m: executions(m) for m in ("share_heavy", "share_light")}
+        deadline = 300
+        while deadline and executions("share_heavy") - before["share_heavy"] < 400:
+            deadline -= 1
+            threading.Event().wait(0.1)
+        after = {m: executions(m) for m in ("share_heavy", "share_light")}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors
+    heavy = after["share_heavy"] - before["share_heavy"]
+    light = after["share_light"] - before["share_light"]
+    # the kernel's weights are 1024 : 110; equal shares would give 1 : 1
+    assert heavy >= 3 * max(1, light), f"heavy {heavy} runs, light {light}"

@@ -13,6 +13,10 @@ Decisions where Triton is silent or has no tenants:
 - at most `kernelport.max_tenants` (8) named tenants get a class of their own per model; requests
   without a tenant, and tenants beyond that, share the default class;
 - the tenant is what the caller says: it is a scheduling label, not an identity check.
+
+Between models that share the CPU, the kernel schedules their worker processes: `kernelport.model_weight`
+sets the workers' nice level so that busy models get CPU time by weight, and `kernelport.cpus` confines a
+model's workers to some CPUs (both applied by the worker at start).
 """
 
 from __future__ import annotations
@@ -128,9 +132,50 @@ class TenantClasses:
             return idx, tenant
 
 
+# Linux CFS's weight of each nice level 0..19 (kernel/sched/core.c's table): a runnable process gets CPU
+# time in proportion to its weight, so a model's weight maps to the nice level whose weight is closest.
+_CFS_WEIGHTS = (1024, 820, 655, 526, 423, 335, 272, 215, 172, 137, 110, 87, 70, 56, 45, 36, 29, 23, 18, 15)
+
+
+def model_nice(parameters: Mapping[str, str], model: str) -> int:
+    """The nice level for a model's workers from `kernelport.model_weight` (15..1024, default 1024: nice 0).
+    Models on the CPU share it by the kernel's weights: a model of weight 256 gets a quarter of the CPU
+    time of a default one while both are busy (only lowering is possible without privileges)."""
+    key = "kernelport.model_weight"
+    if key not in parameters:
+        return 0
+    try:
+        w = float(parameters[key])
+    except ValueError:
+        raise ConfigError(f"model '{model}': parameter {key}: not a number: {parameters[key]!r}") from None
+    if not 15 <= w <= 1024:
+        raise ConfigError(f"model '{model}': parameter {key}: must be in 15..1024 (CPU weight; 1024 = nice 0)")
+    return min(range(len(_CFS_WEIGHTS)), key=lambda n: abs(_CFS_WEIGHTS[n] - w))
+
+
+def model_cpus(parameters: Mapping[str, str], model: str) -> set[int] | None:
+    """`kernelport.cpus`: the CPUs the model's workers may run on ("0-3,6"), None when not set."""
+    text = parameters.get("kernelport.cpus", "").strip()
+    if not text:
+        return None
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            a, b = int(lo), int(hi or lo)
+            if a < 0 or b < a or b > 4095:
+                raise ValueError
+            cpus.update(range(a, b + 1))
+    except ValueError:
+        raise ConfigError(f"model '{model}': parameter kernelport.cpus: expected a list like '0-3,6', "
+                          f"got {text!r}") from None
+    return cpus
+
+
 def sched_key(level: int, share_class: int) -> str:
     """The class part of a lane's key ('' for the plain class, so single-class models keep theirs)."""
     return f"p{level}t{share_class}/" if level or share_class else ""
 
 
-__all__ = ["TENANT_HEADER", "SchedulingPolicy", "TenantClasses", "check_tenant", "parse_priority", "sched_key"]
+__all__ = ["TENANT_HEADER", "SchedulingPolicy", "TenantClasses", "check_tenant", "model_cpus", "model_nice",
+           "parse_priority", "sched_key"]

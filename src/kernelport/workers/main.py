@@ -65,6 +65,7 @@ class Worker:
         from kernelport.backends import load_backend
 
         spec = ModelSpec.from_proto(_config_from_bytes(self.params["config"]), source=self.params["config_source"])
+        _place_process(spec.parameters, spec.name)
         backend = load_backend(self.params["platform"])
         backend.load(self.params["model_path"], spec)
         self.backend = backend
@@ -202,6 +203,24 @@ class Worker:
                 return  # the server is gone
             if not self.handle_control():
                 return
+
+
+def _place_process(parameters: Any, model: str) -> None:
+    """CPU share and placement of this worker: nice from kernelport.model_weight, affinity from
+    kernelport.cpus (before the framework starts its threads, which inherit both)."""
+    from kernelport.server.scheduling import model_cpus, model_nice
+
+    nice = model_nice(parameters, model)
+    if nice:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    cpus = model_cpus(parameters, model)
+    if cpus is not None:
+        usable = cpus & os.sched_getaffinity(0)
+        if not usable:
+            from kernelport.errors import ConfigError
+
+            raise ConfigError(f"model '{model}': parameter kernelport.cpus names no CPU this machine lets it use")
+        os.sched_setaffinity(0, usable)
 
 
 def _sig(t: Any) -> dict[str, Any]:
