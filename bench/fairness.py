@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from kernelport.server.process import ServerProcess
 
 MODEL = "work"
 DIM = 256
-CHAIN = 6
+CHAIN = 12
 
 
 def write_model(repo: str, weights: str) -> None:
@@ -61,55 +62,66 @@ def write_model(repo: str, weights: str) -> None:
                 f'parameters {{ key: "kernelport.tenant_weights" value: {{ string_value: "{weights}" }} }}\n')
 
 
+def tenant_clients(socket_path: str, tenant: str, n: int, labelled: bool, warmup: float, duration: float,
+                   conn: Any) -> None:
+    """One process per tenant (so one tenant's clients never wait on the other's interpreter lock):
+    `n` closed-loop client threads; sends back the latencies of the timed part and the error count."""
+    x = np.ones((1, DIM), np.float32)
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    counting = threading.Event()
+    stop = threading.Event()
+
+    def loop() -> None:
+        with Client(socket_path, tenant=tenant if labelled else None) as c:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    c.infer(MODEL, {"x": x})
+                except Exception:
+                    with lock:
+                        errors[0] += 1
+                    continue
+                if counting.is_set():
+                    with lock:
+                        lat.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    time.sleep(warmup)
+    counting.set()
+    time.sleep(duration)
+    counting.clear()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    conn.send((lat, errors[0]))
+
+
 class Phase:
-    """Closed-loop clients by tenant for a fixed time; latencies and completions per tenant."""
+    """Closed-loop clients by tenant (a process each) for a fixed time; latencies and errors per tenant."""
 
     def __init__(self, socket_path: str, clients: dict[str, int], labelled: bool) -> None:
         self.socket_path = socket_path
         self.clients = clients
         self.labelled = labelled
-        self.lat: dict[str, list[float]] = {t: [] for t in clients}
-        self.errors: dict[str, int] = dict.fromkeys(clients, 0)
-        self.lock = threading.Lock()
+        self.lat: dict[str, list[float]] = {}
+        self.errors: dict[str, int] = {}
 
     def run(self, duration: float, warmup: float) -> None:
-        start = threading.Event()
-        stop = threading.Event()
-        x = np.ones((1, DIM), np.float32)
-
-        def loop(tenant: str) -> None:
-            with Client(self.socket_path, tenant=tenant if self.labelled else None) as c:
-                c.infer(MODEL, {"x": x})
-                start.wait()
-                while not stop.is_set():
-                    t0 = time.perf_counter()
-                    try:
-                        c.infer(MODEL, {"x": x})
-                    except Exception:
-                        with self.lock:
-                            self.errors[tenant] += 1
-                        continue
-                    dt = time.perf_counter() - t0
-                    if counting.is_set():
-                        with self.lock:
-                            self.lat[tenant].append(dt)
-
-        counting = threading.Event()
-        threads = [threading.Thread(target=loop, args=(t,), daemon=True)
-                   for t, n in self.clients.items() for _ in range(n)]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)
-        start.set()
-        time.sleep(warmup)
-        counting.set()
-        self.t0 = time.perf_counter()
-        time.sleep(duration)
-        counting.clear()
-        self.elapsed = time.perf_counter() - self.t0
-        stop.set()
-        for t in threads:
-            t.join(30)
+        ctx = multiprocessing.get_context("spawn")
+        procs = []
+        for tenant, n in self.clients.items():
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=tenant_clients,
+                            args=(self.socket_path, tenant, n, self.labelled, warmup, duration, child))
+            p.start()
+            procs.append((tenant, p, parent))
+        for tenant, p, parent in procs:
+            self.lat[tenant], self.errors[tenant] = parent.recv()
+            p.join(30)
 
 
 def pct(values: Sequence[float], q: float) -> float:
