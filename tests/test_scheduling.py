@@ -41,6 +41,8 @@ MODELS = {
     "ticket_equal": (0, "dynamic_batching { }\n"),
     # about a millisecond of work per run, so that a waiting tenant is always queued again in time
     "ticket_flood": (40, "dynamic_batching { }\n"),
+    # two instances: one can be held while the other serves
+    "ticket_pair": (0, "dynamic_batching { }\ninstance_group [ { count: 2 kind: KIND_CPU } ]\n"),
     # two models confined to one CPU, one of them at a tenth of the default CPU weight
     "share_heavy": (40, 'parameters { key: "kernelport.cpus" value: { string_value: "0" } }\n'),
     "share_light": (40, 'parameters { key: "kernelport.cpus" value: { string_value: "0" } }\n'
@@ -334,3 +336,42 @@ def test_models_sharing_a_cpu_get_time_by_weight(sched_server: ServerProcess) ->
     light = after["share_light"] - before["share_light"]
     # the kernel's weights are 1024 : 110; equal shares would give 1 : 1
     assert heavy >= 3 * max(1, light), f"heavy {heavy} runs, light {light}"
+
+
+def test_a_new_lane_waits_for_its_workers_without_holding_up_the_others(sched_server: ServerProcess) -> None:
+    """A new tenant's first request maps a lane in every worker, and one worker is held (by an
+    uncommitted blocker): that request waits, but requests in the lanes that exist go on (over gRPC,
+    which looks its lane up on every request) through the other instance meanwhile."""
+    model = "ticket_pair"
+    g = grpcclient.InferenceServerClient(f"127.0.0.1:{sched_server.grpc_port}")
+    inp = grpcclient.InferInput("x", [1, 1], "FP32")
+    inp.set_data_from_numpy(X)
+    g.infer(model, [inp])  # the default lane exists
+    with Client(sched_server.socket_path) as c:
+        blocker = c.request(model, batch=1)
+        blocker.inputs["x"][:] = 0
+        for _ in range(200):
+            if blocker.taken:
+                break
+            threading.Event().wait(0.05)
+        assert blocker.taken
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def new_tenant() -> None:
+            try:
+                with Client(sched_server.socket_path, tenant="newcomer") as c2:
+                    c2.infer(model, {"x": X})
+            except BaseException as e:  # surfaced below
+                failure.append(e)
+            done.set()
+
+        t = threading.Thread(target=new_tenant)
+        t.start()
+        for _ in range(5):  # each answered by the free instance while the new lane still waits
+            g.infer(model, [inp])
+        assert not done.is_set(), "the new lane was mapped while a worker was held"
+        blocker.run()
+        blocker.release()
+        t.join(60)
+    assert done.is_set() and not failure, failure

@@ -80,6 +80,18 @@ class WorkerError(KernelPortError):
     grpc_code = "UNAVAILABLE"
 
 
+WORKER_CALL_TIMEOUT_S = 30.0
+
+
+class _PendingLane:
+    """A lane being mapped in the workers; requests for the same key wait on `done`."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.entry: LaneEntry | None = None
+        self.error: BaseException | None = None
+
+
 class WorkerHandle:
     """The server's end of one worker: the process and its control pipe (request/response)."""
 
@@ -90,7 +102,7 @@ class WorkerHandle:
         self.lock = threading.Lock()
         self.bell: Any = None  # rung after each control message once the worker serves
 
-    def call(self, msg: tuple[Any, ...], fds: tuple[int, ...] = (), timeout: float = 30.0) -> Any:
+    def call(self, msg: tuple[Any, ...], fds: tuple[int, ...] = (), timeout: float = WORKER_CALL_TIMEOUT_S) -> Any:
         with self.lock:
             try:
                 self.conn.send(msg)
@@ -157,6 +169,8 @@ class ModelRuntime:
         self.doorbell: Any = None
         self.stats: Any = None  # _kpcore.StatsBlock, kept by the workers
         self.lanes: dict[str, LaneEntry] = {}
+        self.pending_lanes: dict[str, _PendingLane] = {}  # lanes being mapped in the workers
+        self.lane_epoch = 0  # bumped whenever every lane is dropped (workers died, stopped, draining)
         self.lock = threading.Lock()
         self.next_lane_id = 1
         self.framework = ""
@@ -311,6 +325,7 @@ class ModelRuntime:
             self.state = UNLOADING
             self.reason = "the server is shutting down"
         with self.lock:
+            self.lane_epoch += 1
             for lane in self.lanes.values():
                 lane.view.lane.set_status(_kpcore.LANE_RETIRED)
 
@@ -327,6 +342,7 @@ class ModelRuntime:
 
     def _stop_workers(self) -> None:
         with self.lock:
+            self.lane_epoch += 1
             for lane in self.lanes.values():
                 lane.view.lane.set_status(_kpcore.LANE_DEAD)
             self.lanes.clear()
@@ -341,6 +357,7 @@ class ModelRuntime:
         log.error("model '%s': worker %d exited (code %s); the model is unavailable", self.name, w.index, code)
         self.state = UNAVAILABLE
         with self.lock:
+            self.lane_epoch += 1
             for lane in self.lanes.values():
                 lane.view.lane.set_status(_kpcore.LANE_DEAD)
                 lane.view.lane.seal()
@@ -383,6 +400,7 @@ class ModelRuntime:
         level = info.level(priority)
         share_class, tenant = self.tenants.resolve(check_tenant(tenant, self.name))
         key = lane_key(shapes, caps, sched_key(level, share_class))
+        evicted: LaneEntry | None = None
         with self.lock:
             if self.state not in (READY, LOADING):  # draining: start_draining retires lanes under this lock
                 raise ModelNotReadyError(f"model '{self.name}' is not ready: {self.reason or self.state}")
@@ -390,17 +408,52 @@ class ModelRuntime:
             if entry is not None:
                 entry.last_used = time.monotonic()
                 return entry
-            if len(self.lanes) >= self.options.max_lanes_per_model and not self._evict_idle_lane():
-                raise InvalidInputError(
-                    f"model '{self.name}': too many distinct input shapes, priorities and tenants in use at once "
-                    f"(at most {self.options.max_lanes_per_model} lanes)")
+            pending = self.pending_lanes.get(key)
+            mine = pending is None
+            if pending is None:
+                if len(self.lanes) + len(self.pending_lanes) >= self.options.max_lanes_per_model:
+                    evicted = self._evict_idle_lane()
+                    if evicted is None:
+                        raise InvalidInputError(
+                            f"model '{self.name}': too many distinct input shapes, priorities and tenants in use "
+                            f"at once (at most {self.options.max_lanes_per_model} lanes)")
+                pending = self.pending_lanes[key] = _PendingLane()
+            epoch = self.lane_epoch
+        if not mine:  # another request is mapping this lane: wait for it
+            if not pending.done.wait(WORKER_CALL_TIMEOUT_S + 5):
+                raise ModelNotReadyError(f"model '{self.name}': a new lane was not ready in time")
+            if pending.entry is None:
+                raise pending.error or ModelNotReadyError(f"model '{self.name}' is not ready")
+            return pending.entry
+        # Mapping a lane needs every worker, which may be busy with a batch: do it outside the model's
+        # lock, so requests in the lanes that exist go on meanwhile.
+        try:
+            if evicted is not None:
+                self._drop_in_workers(evicted)
             entry = self._create_lane(info, shapes, caps, level, share_class, tenant)
+        except BaseException as e:
+            with self.lock:
+                self.pending_lanes.pop(key, None)
+            pending.error = e if isinstance(e, KernelPortError) else None
+            pending.done.set()
+            raise
+        with self.lock:
+            self.pending_lanes.pop(key, None)
+            if self.lane_epoch != epoch or self.state not in (READY, LOADING):
+                # the workers died, stopped or began draining meanwhile: this lane is not theirs to serve
+                entry.view.lane.set_status(_kpcore.LANE_DEAD)
+                entry.view.lane.seal()
+                pending.done.set()
+                raise ModelNotReadyError(f"model '{self.name}' is not ready: {self.reason or self.state}")
             self.lanes[key] = entry
-            return entry
+        pending.entry = entry
+        pending.done.set()
+        return entry
 
-    def _evict_idle_lane(self) -> bool:
-        """Retire the least recently used lane that nothing is using, and unmap it everywhere.
-        Called with the lock held. Clients that still map it get LaneRetired and ask again."""
+    def _evict_idle_lane(self) -> LaneEntry | None:
+        """Retire the least recently used lane that nothing is using; returns it (the caller then tells
+        the workers with `_drop_in_workers`, outside the lock). Called with the lock held. Clients that
+        still map it get LaneRetired and ask again."""
         for key, entry in sorted(self.lanes.items(), key=lambda kv: kv[1].last_used):
             lane = entry.view.lane
             lane.set_status(_kpcore.LANE_RETIRED)
@@ -408,16 +461,22 @@ class ModelRuntime:
                 lane.set_status(_kpcore.LANE_LIVE)
                 continue
             lane.seal()
-            for w in self.workers:
-                w.call(("drop", entry.layout.lane_id))
             by_tenant = self.evicted_tenant_counters.setdefault(entry.tenant, {})
             for k, v in lane.counters().items():
                 self.evicted_counters[k] = self.evicted_counters.get(k, 0) + int(v)
                 by_tenant[k] = by_tenant.get(k, 0) + int(v)
             del self.lanes[key]
             log.debug("model '%s': evicted idle lane %d", self.name, entry.layout.lane_id)
-            return True
-        return False
+            return entry
+        return None
+
+    def _drop_in_workers(self, entry: LaneEntry) -> None:
+        """Unmap an evicted lane in every worker (sealed and retired: nothing can use it meanwhile)."""
+        for w in list(self.workers):
+            try:
+                w.call(("drop", entry.layout.lane_id))
+            except WorkerError as e:  # a dead worker unmaps everything anyway
+                log.debug("model '%s': drop of lane %d: %s", self.name, entry.layout.lane_id, e)
 
     def _output_dims(self, info: ModelInfo, shapes: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
         if all(d >= 0 for t in info.outputs for d in t.dims):
