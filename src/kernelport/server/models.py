@@ -163,6 +163,8 @@ class ModelRuntime:
         # counters of the lanes evicted since the workers started, so that counters() never goes back
         self.evicted_counters: dict[str, int] = dict.fromkeys(LANE_COUNTERS, 0)
         self.unloaded = False  # unloaded on request: not counted in the server's readiness
+        self.placements: list[Any] = []  # kernelport.gpu.placement.WorkerPlacement, one per worker
+        self._ledger_token = 0
 
     # ---- load / unload ----
 
@@ -172,12 +174,14 @@ class ModelRuntime:
             self._load()
             self._warmup()
         except BaseException as e:
+            self._release_budget()
             self.state = UNAVAILABLE
             self.reason = scrub_paths(str(e), self.options.repository)
             self._stop_workers()
             if isinstance(e, KernelPortError):  # the same error, naming no server path
                 raise type(e)(self.reason) from None
             raise
+        self._release_budget()  # loaded: the memory is in use now, and NVML's free figure shows it
         self.load_seconds = time.monotonic() - t0
         self.state = READY
         self.reason = ""
@@ -191,20 +195,19 @@ class ModelRuntime:
         platform = entry.platform
         model_path = entry.model_file()
         config_bytes = entry.config.SerializeToString()
-        count = 1
-        if entry.has_config and len(entry.config.instance_group):
-            count = sum(max(1, g.count) * max(1, len(g.gpus)) for g in entry.config.instance_group)
+        placements = self._place(model_path)
         ctx = multiprocessing.get_context("spawn")
-        from kernelport.workers.main import worker_main
+        from kernelport.gpu.worker_env import placed_worker_main
 
-        for i in range(count):
+        for i, placement in enumerate(placements):
             parent, child = ctx.Pipe(duplex=True)
             params = {
                 "model": self.name, "platform": platform, "model_path": model_path, "config": config_bytes,
                 "config_source": os.path.join(entry.path, "config.pbtxt"), "instance": i,
-                "log_level": self.options.log_level,
+                "log_level": self.options.log_level, "env": placement.env(),
             }
-            p = ctx.Process(target=worker_main, args=(child, params), name=f"kp-{self.name}-{i}", daemon=True)
+            p = ctx.Process(target=placed_worker_main, args=(child, params), name=f"kp-{self.name}-{i}",
+                            daemon=True)
             p.start()
             child.close()
             self.workers.append(WorkerHandle(p, parent, i))
@@ -222,6 +225,9 @@ class ModelRuntime:
         rep = reports[0]
         self.framework = rep["framework"]
         self.device = rep["device"]
+        placed = sorted({p.device.uuid for p in self.placements if p.device is not None})
+        if placed:
+            self.device += " on " + ", ".join(placed)
         ins = [TensorSig(t["name"], t["datatype"], tuple(t["shape"])) for t in rep["inputs"]]
         outs = [TensorSig(t["name"], t["datatype"], tuple(t["shape"])) for t in rep["outputs"]]
         can_batch = all(len(t.shape) > 0 and t.shape[0] == -1 for t in ins + outs)
@@ -264,6 +270,26 @@ class ModelRuntime:
                     os.close(fd)
             w.bell = self.doorbell
 
+    def _place(self, model_path: str) -> list[Any]:
+        """One placement per worker from the config's instance_group and the machine's GPUs (NVML; the
+        server never initialises CUDA), with the devices' memory budgeted (kernelport.gpu.placement)."""
+        from kernelport.gpu import cuda, placement
+
+        groups = placement.groups_from_config(self.entry.config) if self.entry.has_config else []
+        inventory = cuda.device_inventory()
+        per_instance = 0
+        if inventory:
+            params = {k: v.string_value for k, v in self.entry.config.parameters.items()}
+            per_instance = placement.estimate_instance_memory(self.name, params, placement.path_bytes(model_path))
+        reason = cuda.cuda_unavailable_reason() or ("the NVIDIA management library (nvidia-ml-py) cannot list "
+                                                    "the GPUs" if not inventory else "")
+        token, placements = placement.LEDGER.place(self.name, groups, inventory,
+                                                   visible=placement.server_visible_devices(),
+                                                   memory_per_instance=per_instance, no_gpu_reason=reason)
+        self._ledger_token = token
+        self.placements = placements
+        return placements
+
     def _warmup(self) -> None:
         """Run the config's model_warmup samples through the model's lanes, as requests of the server
         (they count in the model's statistics), after the workers start and before the model is READY."""
@@ -282,6 +308,13 @@ class ModelRuntime:
             except Exception as e:  # the backend's own error, as the worker reported it
                 raise KernelPortError(f"{label} failed: {e}") from None
             log.info("%s: ran %d time(s)", label, max(1, int(sample.count)))
+
+    def _release_budget(self) -> None:
+        from kernelport.gpu.placement import LEDGER
+
+        token, self._ledger_token = self._ledger_token, 0
+        if token:
+            LEDGER.release(token)
 
     def start_draining(self) -> None:
         """Shutdown: no new requests (clients get LaneRetired, then a not-ready error); those already
