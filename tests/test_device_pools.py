@@ -4,6 +4,7 @@ and the errors each GPU-only piece gives on a machine without CUDA."""
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 
@@ -180,3 +181,63 @@ def test_device_offsets_mirror_the_host_lane() -> None:
     assert all(ends[s] <= dev[s + 1][0] for s in range(layout.nslots - 1))
     with pytest.raises(ValueError):
         device_data_size(size, size)
+
+
+# -- pinned rows: page ranges registered once, reference counted ------------------------------------------------
+
+
+def test_host_registry_registers_each_page_once_and_unregisters_at_last_use() -> None:
+    from kernelport.gpu.torch_cuda import PAGE, HostRegistry, page_span
+
+    calls: list[tuple[str, int, int]] = []
+
+    def register(ptr: int, n: int) -> bool:
+        calls.append(("reg", ptr, n))
+        return True
+
+    reg = HostRegistry(register, lambda p: calls.append(("unreg", p, 0)))
+    base = 1000 * PAGE
+    assert page_span(base + 10, 5) == (base, base + PAGE)
+    assert page_span(base, PAGE) == (base, base + PAGE)
+    a = reg.pin(base + 100, 2 * PAGE)  # pages 0..2
+    b = reg.pin(base + PAGE, 4 * PAGE)  # pages 1..4: only 3..4 are new
+    c = reg.pin(base + 2 * PAGE + 8, 8)  # inside page 2: nothing new
+    assert calls == [("reg", base, 3 * PAGE), ("reg", base + 3 * PAGE, 2 * PAGE)]
+    assert a == [base] and b == [base, base + 3 * PAGE] and c == [base]
+    # registered ranges never overlap
+    spans = sorted((s, e) for s, (e, _r) in reg.ranges.items())
+    assert all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))
+    reg.unpin(a)
+    reg.unpin(c)
+    assert ("unreg", base, 0) not in calls  # b still uses it
+    reg.unpin(b)
+    assert calls[2:] == [("unreg", base, 0), ("unreg", base + 3 * PAGE, 0)] and reg.ranges == {}
+    d = reg.pin(base + 10 * PAGE, 1)  # a gap before an existing range, and after
+    e = reg.pin(base + 9 * PAGE, 3 * PAGE)
+    assert d == [base + 10 * PAGE] and e == [base + 9 * PAGE, base + 10 * PAGE, base + 11 * PAGE]
+
+
+def test_host_registry_failure_leaves_pageable_copies() -> None:
+    from kernelport.gpu.torch_cuda import PAGE, HostRegistry
+
+    reg = HostRegistry(lambda p, n: False, lambda p: None)
+    assert reg.pin(7 * PAGE, 10) == [] and reg.failed and reg.ranges == {}
+
+
+def test_torch_mlp_example_matches_its_float64_reference(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The model the GPU tests and benchmark serve, checked here on the cpu (KIND_CPU) against numpy."""
+    pytest.importorskip("torch")
+    from kernelport.backends.torch import TorchBackend
+    from kernelport.gpu.examples import mlp_reference, write_torch_mlp
+    from kernelport.repository import ModelSpec, parse_config
+
+    path = write_torch_mlp(str(tmp_path), "mlp_t", instance_group="instance_group [ { kind: KIND_CPU } ]")
+    spec = ModelSpec.from_proto(parse_config(os.path.join(path, "config.pbtxt")), model_name="mlp_t")
+    backend = TorchBackend()
+    backend.load(os.path.join(path, "1"), spec)
+    assert backend.device() == "cpu"
+    x = np.random.default_rng(1).standard_normal((3, 512)).astype(np.float32)
+    out = np.zeros((3, 512), np.float32)
+    backend.bind({"INPUT__0": x}, {"OUTPUT__0": out})()
+    ref = mlp_reference(x)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5

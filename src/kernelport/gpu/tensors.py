@@ -124,3 +124,25 @@ def copy_to_device(dst: Any, src: Any, stream: Any = None) -> None:
         else:
             # torch tensors export their stream through DLPack's protocol: from_dlpack orders against it
             dst[...] = cupy.from_dlpack(src)
+
+
+def infer_with_device_tensors(client: Any, model: str, inputs: Mapping[str, Any], outputs: Any = None,
+                              device: str | None = None, **kw: Any) -> dict[str, Any]:
+    """`client.infer` for inputs that may be torch or cupy CUDA tensors, on a model whose rows are in host
+    memory: device inputs are copied to host once (`to_host`), and the outputs come back as tensors of the
+    first device input's kind on its device (or on `device`, "cuda:N", as torch tensors), numpy otherwise.
+    The zero-copy alternative is a device lane (kernelport.gpu.device_lane)."""
+    host = {name: to_host(v) if is_device_tensor(v) else v for name, v in inputs.items()}
+    results: dict[str, Any] = client.infer(model, host, outputs, **kw)
+    like = next((v for v in inputs.values() if is_device_tensor(v)), None)
+    if device is None and like is None:
+        return results
+    if like is not None and device is None and type(like).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(dlpack_device(like)[1]):  # type: ignore[index]
+            return {k: cupy.asarray(v) for k, v in results.items()}
+    import torch
+
+    target = device or f"cuda:{dlpack_device(like)[1]}"  # type: ignore[index]
+    return {k: torch.from_numpy(v).to(target, non_blocking=False) for k, v in results.items()}
