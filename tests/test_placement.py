@@ -198,3 +198,19 @@ def test_server_refuses_kind_gpu_without_gpu_and_serves_kind_auto(example_repo: 
             c.get_model_config("on_gpu")
     finally:
         assert srv.stop() == 0, srv.log()
+
+
+def test_a_placed_worker_addresses_its_only_device_as_ordinal_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernelport.backends.base import instance_gpu
+    from kernelport.repository import ModelSpec
+
+    spec = ModelSpec.from_proto(parse_config(
+        'name: "m"\nplatform: "onnxruntime_onnx"\ninstance_group [ { kind: KIND_GPU gpus: [ 3 ] } ]', model_name="m"))
+    monkeypatch.delenv("KERNELPORT_DEVICE_UUID", raising=False)
+    assert instance_gpu(spec) == 3  # a backend loaded on its own: the config's GPU
+    placed = place_instances("m", spec.instance_groups, [gpu(i, f"GPU-{i}0000000-1111-2222-3333-444444444444")
+                                                         for i in range(4)])
+    for key, value in placed[0].env().items():
+        monkeypatch.setenv(key, value)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-30000000-1111-2222-3333-444444444444"
+    assert instance_gpu(spec) == 0  # in the placed worker, GPU 3 is the only device: CUDA ordinal 0

@@ -559,9 +559,7 @@ def _select_device(spec: ModelSpecLike) -> str:
         return "cpu"
     if not torch.cuda.is_available():
         return "cpu"
-    if os.environ.get("KERNELPORT_DEVICE_UUID"):
-        return "cuda:0"
-    if wanted.startswith("cuda:") and wanted[5:].isdigit():
+    if wanted.startswith("cuda:") and wanted[5:].isdigit() and not os.environ.get("KERNELPORT_DEVICE_UUID"):
         ordinal = int(wanted[5:])
     else:
         ordinal = instance_gpu(spec)
