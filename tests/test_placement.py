@@ -214,3 +214,9 @@ def test_a_placed_worker_addresses_its_only_device_as_ordinal_zero(monkeypatch: 
         monkeypatch.setenv(key, value)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-30000000-1111-2222-3333-444444444444"
     assert instance_gpu(spec) == 0  # in the placed worker, GPU 3 is the only device: CUDA ordinal 0
+
+
+def test_a_gpu_in_mig_mode_without_slices_offers_no_device() -> None:
+    inv = [dict(gpu(0, U0), mig_enabled=True), gpu(1, U1)]
+    assert [s.uuid for s in visible_slots(inv)] == [U1]
+    assert where(place_instances("m", [], inv)) == [("gpu", U1)]

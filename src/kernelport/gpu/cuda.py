@@ -109,7 +109,9 @@ def device_inventory(*, allow_cuda_init: bool = False) -> list[dict[str, Any]]:
     """The GPUs this machine has, as plain data (what `kernelport.gpu.placement` takes):
 
         {"index": 0, "uuid": "GPU-…", "name": "NVIDIA H200", "total_memory": bytes, "free_memory": bytes,
-         "mig": [{"uuid": "MIG-…", "total_memory": bytes, "free_memory": bytes}, …]}
+         "mig_enabled": bool, "mig": [{"uuid": "MIG-…", "total_memory": bytes, "free_memory": bytes}, …]}
+
+    A GPU in MIG mode runs CUDA work only in its slices: with MIG enabled and no slice made, it offers none.
 
     Indices are NVML's (PCI bus order, which CUDA follows under CUDA_DEVICE_ORDER=PCI_BUS_ID; placement
     passes UUIDs to workers, so the two orders never need to agree). NVML first (no CUDA context); then,
@@ -139,7 +141,8 @@ def _nvml_inventory() -> list[dict[str, Any]] | None:
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             out.append({"index": i, "uuid": _text(pynvml.nvmlDeviceGetUUID(h)),
                         "name": _text(pynvml.nvmlDeviceGetName(h)), "total_memory": int(mem.total),
-                        "free_memory": int(mem.free), "mig": _nvml_mig(pynvml, h)})
+                        "free_memory": int(mem.free), "mig_enabled": _nvml_mig_enabled(pynvml, h),
+                        "mig": _nvml_mig(pynvml, h)})
         return out
     except Exception as e:
         log.info("NVML could not list the devices (%s)", e)
@@ -151,12 +154,16 @@ def _nvml_inventory() -> list[dict[str, Any]] | None:
             pass
 
 
-def _nvml_mig(nvml: Any, handle: Any) -> list[dict[str, Any]]:
+def _nvml_mig_enabled(nvml: Any, handle: Any) -> bool:
     try:
         current, _pending = nvml.nvmlDeviceGetMigMode(handle)
     except Exception:  # NVMLError_NotSupported: not a MIG-capable GPU
-        return []
-    if current != getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1):
+        return False
+    return bool(current == getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1))
+
+
+def _nvml_mig(nvml: Any, handle: Any) -> list[dict[str, Any]]:
+    if not _nvml_mig_enabled(nvml, handle):
         return []
     slices = []
     for j in range(int(nvml.nvmlDeviceGetMaxMigDeviceCount(handle))):

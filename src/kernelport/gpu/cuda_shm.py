@@ -112,7 +112,7 @@ def _helper_main(conn: Connection) -> None:
                 host = bytearray(nbytes)
                 if nbytes:
                     dst = (ctypes.c_char * nbytes).from_buffer(host)
-                    rt.memcpy(ctypes.addressof(dst), base + offset, nbytes, rt.memcpyDeviceToHost)
+                    rt.memcpy(ctypes.addressof(dst), base + offset, nbytes, getattr(rt, "memcpyDeviceToHost", 2))
                 conn.send(("ok", bytes(host)))
             elif op == "write":
                 _, handle, device, offset, data = msg
@@ -121,7 +121,7 @@ def _helper_main(conn: Connection) -> None:
                 buf = bytearray(data)
                 if buf:
                     src = (ctypes.c_char * len(buf)).from_buffer(buf)
-                    rt.memcpy(base + offset, ctypes.addressof(src), len(buf), rt.memcpyHostToDevice)
+                    rt.memcpy(base + offset, ctypes.addressof(src), len(buf), getattr(rt, "memcpyHostToDevice", 1))
                 conn.send(("ok", None))
             else:
                 conn.send(("error", f"unknown operation {op!r}"))

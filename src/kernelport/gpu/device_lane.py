@@ -251,6 +251,7 @@ class DeviceRows:
         from kernelport.gpu.tensors import device_array
 
         self.buffer = buffer
+        self._stream: Any = None
         size = getattr(buffer, "byte_size", None) or buffer.nbytes
         self.views: list[list[Any]] = []
         for slot_offs in offsets:
@@ -269,7 +270,11 @@ class DeviceRows:
         from kernelport.gpu.tensors import copy_to_device
 
         cp = _cupy()
-        s = stream if stream is not None else cp.cuda.Stream(non_blocking=True)
+        if stream is None:
+            if self._stream is None:  # made once, on first use, not per request
+                self._stream = cp.cuda.Stream(non_blocking=True)
+            stream = self._stream
+        s = stream
         for t, value in enumerate(inputs):
             n = int(value.shape[0])
             copy_to_device(self.views[slot][t][row: row + n], value, s)
