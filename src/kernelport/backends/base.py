@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -159,7 +160,10 @@ def bool_parameter(model: str, key: str, value: str) -> bool:
 
 
 def instance_gpu(spec: object) -> int:
-    """The first GPU the config's `instance_group` lists, 0 when none does."""
+    """The first GPU the config's `instance_group` lists, 0 when none does. In a worker the server placed on a
+    device (kernelport.gpu.placement), that device is the only one visible to the process: always 0."""
+    if os.environ.get("KERNELPORT_DEVICE_UUID"):
+        return 0
     for group in getattr(spec, "instance_groups", ()) or ():
         gpus = tuple(getattr(group, "gpus", ()) or ())
         if gpus:

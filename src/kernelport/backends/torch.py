@@ -67,6 +67,7 @@ from kernelport.backends.base import (
     check_config_names,
     datatype_of,
     format_shape,
+    instance_gpu,
     int_parameter,
     unservable_type,
     warn_cpu_only,
@@ -187,6 +188,9 @@ class TorchBackend(Backend):
         self._inference_mode = True
         self._bound_inputs: WeakKeyDictionary[Callable[[], None], dict[str, torch.Tensor]] = WeakKeyDictionary()
         self._probed: set[tuple[Any, ...]] = set()  # (input shapes, output shapes) already checked by a probe
+        self._device = "cpu"  # "cuda:0" when the config places the model on a GPU (kernelport.gpu.torch_cuda)
+        self._graphs = False
+        self._executor: Any = None
 
     # -- Backend ----------------------------------------------------------------------------------------
 
@@ -195,7 +199,10 @@ class TorchBackend(Backend):
         path = _model_file(model_path, spec)
         _configure_threads(spec.parameters, spec.name)
         self._inference_mode = _inference_mode(spec.parameters, spec.name)
-        warn_cpu_only(log, spec, "pytorch")
+        self._device = _select_device(spec)
+        self._graphs = self._device != "cpu" and _cuda_graphs(spec)
+        if self._device == "cpu":
+            warn_cpu_only(log, spec, "pytorch")
 
         kind = _artifact_kind(path)
         filename = os.path.basename(path)
@@ -214,7 +221,7 @@ class TorchBackend(Backend):
         self._loaded = loaded
         self._probed.clear()
         self._max_batch_size = int(spec.max_batch_size)
-        log.debug("model '%s' loaded (%s) by torch %s on cpu", spec.name, kind, torch.__version__)
+        log.debug("model '%s' loaded (%s) by torch %s on %s", spec.name, kind, torch.__version__, self._device)
 
     def io_signature(self) -> tuple[list[TensorSig], list[TensorSig]]:
         loaded = self._require_loaded()
@@ -242,6 +249,21 @@ class TorchBackend(Backend):
         flatten = loaded.flatten
         mode = torch.inference_mode if self._inference_mode else torch.no_grad
         model = self._model
+        if self._device != "cpu":
+            if self._executor is None:
+                from kernelport.gpu.torch_cuda import TorchCudaExecutor
+
+                self._executor = TorchCudaExecutor(self._device, graphs=self._graphs)
+            host_args = list(args)
+
+            def check(name: str, value: torch.Tensor, target: torch.Tensor) -> str | None:
+                if value.shape != target.shape or value.dtype != target.dtype:
+                    return _mismatch(model, name, value, target)
+                return None
+
+            runner: Callable[[], None] = self._executor.bind(call, flatten, host_args, targets, mode, check)
+            self._bound_inputs[runner] = bound
+            return runner
 
         def run() -> None:
             with mode():
@@ -263,18 +285,18 @@ class TorchBackend(Backend):
         return f"torch {torch.__version__}"
 
     def device(self) -> str:
-        return "cpu"
+        return self._device
 
     def _run_unbound(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         loaded = self._require_loaded()
         args: list[torch.Tensor] = [torch.empty(0)] * len(loaded.inputs)
         for name, arr in inputs.items():
-            args[loaded.input_position[name]] = torch.from_numpy(np.ascontiguousarray(arr))
+            args[loaded.input_position[name]] = torch.from_numpy(np.ascontiguousarray(arr)).to(self._device)
         mode = torch.inference_mode if self._inference_mode else torch.no_grad
         with mode():
             values = loaded.flatten(loaded.call(*args))
             return {
-                sig.name: values[loaded.output_key[sig.name]].detach().contiguous().numpy().copy()
+                sig.name: values[loaded.output_key[sig.name]].detach().cpu().contiguous().numpy().copy()
                 for sig in loaded.outputs
             }
 
@@ -295,7 +317,7 @@ class TorchBackend(Backend):
         with warnings.catch_warnings():
             # torch 2.13 deprecates TorchScript; Triton repositories hold model.pt files all the same.
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(path, map_location="cpu")
+            module = torch.jit.load(path, map_location=self._device)
         module.eval()
         for p in module.parameters():
             p.requires_grad_(False)
@@ -335,7 +357,10 @@ class TorchBackend(Backend):
 
         package = torch._inductor.aoti_load_package(path)
         device = package.get_metadata().get("AOTI_DEVICE_KEY", "cpu")
-        if device != "cpu":
+        if device == "cpu" and self._device != "cpu":
+            log.warning("model '%s': the AOTInductor package was compiled for the cpu; it runs there", spec.name)
+            self._device = "cpu"
+        if device != "cpu" and not self._device.startswith(device):
             raise ConfigError(
                 f"model '{spec.name}': the AOTInductor package was compiled for {device}; "
                 f"the pytorch backend runs AOTInductor packages on the cpu only"
@@ -443,13 +468,14 @@ class TorchBackend(Backend):
 
         lifted = _lifted_arguments(program) if flat_args else None
         if lifted is not None and all(s.kind == OutputKind.USER_OUTPUT for s in signature.output_specs):
-            graph_module = program.graph_module
+            graph_module = program.graph_module.to(self._device)
+            lifted = [t.to(self._device) for t in lifted]
             loaded.call = lambda *args: graph_module(*lifted, *args)
             loaded.flatten = lambda result: result
         else:
             from torch.utils._pytree import tree_leaves
 
-            module = program.module()
+            module = program.module().to(self._device)
             loaded.call = module
             loaded.flatten = tree_leaves
             log.debug("model '%s': exported program runs through ep.module()", spec.name)
@@ -496,7 +522,8 @@ class TorchBackend(Backend):
         executor off the hot path. A model that rejects zeros is checked by the runner on every call."""
         args: list[torch.Tensor] = [torch.empty(0)] * len(loaded.inputs)
         for name, arr in inputs.items():
-            args[loaded.input_position[name]] = torch.zeros(arr.shape, dtype=_TORCH_OF_DATATYPE[datatype_of(arr.dtype)])
+            args[loaded.input_position[name]] = torch.zeros(arr.shape, dtype=_TORCH_OF_DATATYPE[datatype_of(arr.dtype)],
+                                                            device=self._device)
         mode = torch.inference_mode if self._inference_mode else torch.no_grad
         try:
             with mode():
@@ -518,8 +545,34 @@ class TorchBackend(Backend):
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"model '{self._model}' output '{name}': the model returned {type(value).__name__}")
             target = torch.from_numpy(arr)
-            if value.shape != target.shape or value.dtype != target.dtype:
+            if value.shape != target.shape or value.dtype != target.dtype:  # (value may be on the GPU)
                 raise ValueError(_mismatch(self._model, name, value, target))
+
+
+def _select_device(spec: ModelSpecLike) -> str:
+    """"cuda:<n>" when the config asks for a GPU (instance_group KIND_GPU, or the parameter kernelport.device
+    naming cuda) and torch sees one; "cpu" otherwise. A worker the server placed sees only its own device
+    (CUDA_VISIBLE_DEVICES), which is then ordinal 0; a backend loaded outside the server takes the config's first
+    listed GPU."""
+    wanted = (_parameter(spec.parameters, "kernelport.device") or "").strip().lower()
+    if getattr(spec, "instance_kind", "KIND_AUTO") != "KIND_GPU" and not wanted.startswith("cuda"):
+        return "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    if wanted.startswith("cuda:") and wanted[5:].isdigit() and not os.environ.get("KERNELPORT_DEVICE_UUID"):
+        ordinal = int(wanted[5:])
+    else:
+        ordinal = instance_gpu(spec)
+    return f"cuda:{ordinal if ordinal < torch.cuda.device_count() else 0}"
+
+
+def _cuda_graphs(spec: ModelSpecLike) -> bool:
+    """The config's optimization.cuda.graphs."""
+    proto = getattr(spec, "proto", None)
+    try:
+        return bool(proto is not None and proto.HasField("optimization") and proto.optimization.cuda.graphs)
+    except (AttributeError, ValueError):
+        return False
 
 
 def _finite(bound: Any) -> int | None:

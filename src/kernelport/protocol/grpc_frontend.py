@@ -15,8 +15,11 @@ What `ServerMetadata.extensions` lists, and why (only what really works):
   default level) and "timeout" (microseconds).
 - "system_shared_memory": only when the server allows client shared memory (`allow_client_shm`); otherwise
   registration answers UNAVAILABLE, as Triton does for a restricted or absent shared-memory endpoint.
-Not listed: "cuda_shared_memory" (the server process never initialises CUDA; registration is validated, then
-answers UNAVAILABLE), "classification", "sequence", "binary_tensor_data" (HTTP only), "trace", "logging"
+- "cuda_shared_memory": only when client shared memory is allowed and a CUDA stack is present (device nodes
+  and cupy); handles are opened by a helper process (`kernelport.gpu.cuda_shm`: the server process never
+  initialises CUDA) and the registered size is checked against the allocation's real size. Without CUDA,
+  registration answers UNAVAILABLE.
+Not listed: "classification", "sequence", "binary_tensor_data" (HTTP only), "trace", "logging"
 (TraceSetting and LogSettings answer UNIMPLEMENTED).
 
 Wire rules, as Triton applies them:
@@ -40,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import queue
 import struct
 import threading
@@ -55,6 +57,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from kernelport.errors import InvalidInputError, KernelPortError, ModelNotFoundError
+from kernelport.gpu.cuda_shm import CudaSharedMemoryRegistry
 from kernelport.protocol import message_class
 from kernelport.server.scheduling import TENANT_HEADER, check_tenant
 from kernelport.server.shm_registry import SharedMemoryRegion, SharedMemoryRegistry
@@ -86,7 +89,6 @@ HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
 SERVER_NAME = "kernelport"
 DEFAULT_WORKERS = 64
 
-_CUDA_IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
 _STREAM_WINDOW = 64  # requests of one stream in flight at once; more wait (backpressure on the client)
 _WATCH_POLL_S = 1.0
 _MAX_WATCHES = 16
@@ -254,17 +256,6 @@ def _numpy_dtype(tensor_spec: Any, datatype: str) -> np.dtype[Any]:
     raise StatusError("INTERNAL", f"tensor '{tensor_spec.name}' has no numpy dtype for {datatype}")
 
 
-def _cuda_device_present() -> bool:
-    """Without initialising CUDA (the server process never does): is there a CUDA stack at all?"""
-    import importlib.util
-
-    try:
-        has_cupy = importlib.util.find_spec("cupy") is not None
-    except (ImportError, ValueError):
-        has_cupy = False
-    return has_cupy and any(n.startswith("nvidia") and n[6:].isdigit() for n in os.listdir("/dev"))
-
-
 T = TypeVar("T")
 
 
@@ -281,9 +272,11 @@ class InferenceServicer:
         shm: SharedMemoryRegistry | None = None,
         *,
         stream_workers: int = DEFAULT_WORKERS,
+        cuda_shm: CudaSharedMemoryRegistry | None = None,
     ) -> None:
         self.dp = dataplane
         self.shm = shm if shm is not None else SharedMemoryRegistry(allowed=False)
+        self.cuda_shm = cuda_shm if cuda_shm is not None else CudaSharedMemoryRegistry(allowed=self.shm.allowed)
         self.version = _server_version()
         self._stream_pool = ThreadPoolExecutor(
             max_workers=stream_workers, thread_name_prefix="kp-grpc-stream"
@@ -303,6 +296,7 @@ class InferenceServicer:
         self._closed.set()
         self._stream_pool.shutdown(wait=False, cancel_futures=True)
         self.shm.close()
+        self.cuda_shm.close()
 
     # -- registration --------------------------------------------------------------------------------
 
@@ -426,6 +420,8 @@ class InferenceServicer:
         extensions = ["model_configuration", "model_repository", "statistics", "schedule_policy"]
         if self.shm.allowed:
             extensions.append("system_shared_memory")
+        if self.cuda_shm.available():
+            extensions.append("cuda_shared_memory")
         return message_class("inference.ServerMetadataResponse")(
             name=SERVER_NAME, version=self.version, extensions=extensions
         )
@@ -531,33 +527,18 @@ class InferenceServicer:
         return message_class("inference.SystemSharedMemoryUnregisterResponse")()
 
     def cuda_shm_status(self, request: Any, context: grpc.ServicerContext) -> Message:
-        if request.name:  # none can ever be registered (see cuda_shm_register)
-            raise StatusError("NOT_FOUND", f"CUDA shared memory region '{request.name}' is not registered")
-        return message_class("inference.CudaSharedMemoryStatusResponse")()
+        resp = message_class("inference.CudaSharedMemoryStatusResponse")()
+        for info in self.cuda_shm.status(request.name):
+            r = resp.regions[info.name]
+            r.name, r.device_id, r.byte_size = info.name, info.device_id, info.byte_size
+        return resp
 
     def cuda_shm_register(self, request: Any, context: grpc.ServicerContext) -> Message:
-        what = f"CUDA shared memory region '{request.name}'"
-        if not request.name:
-            raise InvalidInputError("CUDA shared memory region name must not be empty")
-        if len(request.raw_handle) != _CUDA_IPC_HANDLE_BYTES:
-            raise InvalidInputError(
-                f"{what}: raw_handle must be a {_CUDA_IPC_HANDLE_BYTES}-byte cudaIpcMemHandle_t, "
-                f"got {len(request.raw_handle)} bytes"
-            )
-        if request.device_id < 0:
-            raise InvalidInputError(f"{what}: device_id must be non-negative, got {request.device_id}")
-        if request.byte_size == 0:
-            raise InvalidInputError(f"{what}: byte size must be positive")
-        if not _cuda_device_present():
-            raise StatusError("UNAVAILABLE", "CUDA shared memory is not available: no CUDA device")
-        raise StatusError(
-            "UNAVAILABLE",
-            "CUDA shared memory is not available: this server's gRPC front end does not map CUDA IPC "
-            "handles (use system shared memory or the local client)",
-        )
+        self.cuda_shm.register(request.name, request.raw_handle, int(request.device_id), int(request.byte_size))
+        return message_class("inference.CudaSharedMemoryRegisterResponse")()
 
     def cuda_shm_unregister(self, request: Any, context: grpc.ServicerContext) -> Message:
-        # Nothing can be registered; unregistering an unknown name succeeds, as for system shared memory.
+        self.cuda_shm.unregister(request.name)
         return message_class("inference.CudaSharedMemoryUnregisterResponse")()
 
     # -- trace and log -------------------------------------------------------------------------------
@@ -686,6 +667,9 @@ class InferenceServicer:
             regions: dict[str, SharedMemoryRegion] = {}
 
             def region(region_name: str) -> SharedMemoryRegion:
+                if region_name not in regions and self.cuda_shm.has(region_name):
+                    # a CUDA region reads and writes as a system one does (kernelport.gpu.cuda_shm)
+                    regions[region_name] = stack.enter_context(self.cuda_shm.use(region_name))  # type: ignore[assignment]
                 if region_name not in regions:
                     regions[region_name] = stack.enter_context(self.shm.use(region_name))
                 return regions[region_name]

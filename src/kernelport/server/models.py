@@ -184,6 +184,8 @@ class ModelRuntime:
         self.unloaded = False  # unloaded on request: not counted in the server's readiness
         self.tenants = TenantClasses(SchedulingPolicy())
         self.evicted_tenant_counters: dict[str, dict[str, int]] = {}
+        self.placements: list[Any] = []  # kernelport.gpu.placement.WorkerPlacement, one per worker
+        self._ledger_token = 0
 
     # ---- load / unload ----
 
@@ -193,12 +195,14 @@ class ModelRuntime:
             self._load()
             self._warmup()
         except BaseException as e:
+            self._release_budget()
             self.state = UNAVAILABLE
             self.reason = scrub_paths(str(e), self.options.repository)
             self._stop_workers()
             if isinstance(e, KernelPortError):  # the same error, naming no server path
                 raise type(e)(self.reason) from None
             raise
+        self._release_budget()  # loaded: the memory is in use now, and NVML's free figure shows it
         self.load_seconds = time.monotonic() - t0
         self.state = READY
         self.reason = ""
@@ -216,20 +220,19 @@ class ModelRuntime:
         preset = model_preset(entry.config, self.options.preset)
         base = apply_preset(entry.config, preset)  # instances now; batching again once completed
         config_bytes = base.SerializeToString()
-        count = 1
-        if len(base.instance_group):
-            count = sum(max(1, g.count) * max(1, len(g.gpus)) for g in base.instance_group)
+        placements = self._place(model_path, base)
         ctx = multiprocessing.get_context("spawn")
-        from kernelport.workers.main import worker_main
+        from kernelport.gpu.worker_env import placed_worker_main
 
-        for i in range(count):
+        for i, placement in enumerate(placements):
             parent, child = ctx.Pipe(duplex=True)
             params = {
                 "model": self.name, "platform": platform, "model_path": model_path, "config": config_bytes,
                 "config_source": os.path.join(entry.path, "config.pbtxt"), "instance": i,
-                "log_level": self.options.log_level,
+                "log_level": self.options.log_level, "env": placement.env(),
             }
-            p = ctx.Process(target=worker_main, args=(child, params), name=f"kp-{self.name}-{i}", daemon=True)
+            p = ctx.Process(target=placed_worker_main, args=(child, params), name=f"kp-{self.name}-{i}",
+                            daemon=True)
             p.start()
             child.close()
             self.workers.append(WorkerHandle(p, parent, i))
@@ -252,6 +255,9 @@ class ModelRuntime:
         rep = reports[0]
         self.framework = rep["framework"]
         self.device = rep["device"]
+        placed = sorted({p.device.uuid for p in self.placements if p.device is not None})
+        if placed:
+            self.device += " on " + ", ".join(placed)
         ins = [TensorSig(t["name"], t["datatype"], tuple(t["shape"])) for t in rep["inputs"]]
         outs = [TensorSig(t["name"], t["datatype"], tuple(t["shape"])) for t in rep["outputs"]]
         can_batch = all(len(t.shape) > 0 and t.shape[0] == -1 for t in ins + outs)
@@ -299,6 +305,27 @@ class ModelRuntime:
                     os.close(fd)
             w.bell = self.doorbell
 
+    def _place(self, model_path: str, config: Any) -> list[Any]:
+        """One placement per worker from the config's instance_group (after any preset) and the machine's
+        GPUs (NVML; the server never initialises CUDA), with the devices' memory budgeted
+        (kernelport.gpu.placement)."""
+        from kernelport.gpu import cuda, placement
+
+        groups = placement.groups_from_config(config)
+        inventory = cuda.device_inventory()
+        per_instance = 0
+        if inventory:
+            params = {k: v.string_value for k, v in self.entry.config.parameters.items()}
+            per_instance = placement.estimate_instance_memory(self.name, params, placement.path_bytes(model_path))
+        reason = cuda.cuda_unavailable_reason() or ("the NVIDIA management library (nvidia-ml-py) cannot list "
+                                                    "the GPUs" if not inventory else "")
+        token, placements = placement.LEDGER.place(self.name, groups, inventory,
+                                                   visible=placement.server_visible_devices(),
+                                                   memory_per_instance=per_instance, no_gpu_reason=reason)
+        self._ledger_token = token
+        self.placements = placements
+        return placements
+
     def _warmup(self) -> None:
         """Run the config's model_warmup samples through the model's lanes, as requests of the server
         (they count in the model's statistics), after the workers start and before the model is READY."""
@@ -317,6 +344,13 @@ class ModelRuntime:
             except Exception as e:  # the backend's own error, as the worker reported it
                 raise KernelPortError(f"{label} failed: {e}") from None
             log.info("%s: ran %d time(s)", label, max(1, int(sample.count)))
+
+    def _release_budget(self) -> None:
+        from kernelport.gpu.placement import LEDGER
+
+        token, self._ledger_token = self._ledger_token, 0
+        if token:
+            LEDGER.release(token)
 
     def start_draining(self) -> None:
         """Shutdown: no new requests (clients get LaneRetired, then a not-ready error); those already
