@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from conftest import ServerProcess
-from kernelport import Client, InvalidInputError
+from kernelport import Client, InvalidInputError, QueueFullError
 
 torch = pytest.importorskip("torch", reason="the scheduling tests use a TorchScript model")
 
@@ -41,6 +41,10 @@ MODELS = {
     "ticket_equal": (0, "dynamic_batching { }\n"),
     # about a millisecond of work per run, so that a waiting tenant is always queued again in time
     "ticket_flood": (40, "dynamic_batching { }\n"),
+    # level 1 has a queue of its own (2 places); the default level shares the model's (3 places)
+    "ticket_levels": (0, "dynamic_batching { priority_levels: 2 default_priority_level: 2\n"
+                         "  default_queue_policy { max_queue_size: 3 }\n"
+                         "  priority_queue_policy { key: 1 value: { max_queue_size: 2 } } }\n"),
     # two instances: one can be held while the other serves
     "ticket_pair": (0, "dynamic_batching { }\ninstance_group [ { count: 2 kind: KIND_CPU } ]\n"),
     # two models confined to one CPU, one of them at a tenth of the default CPU weight
@@ -375,3 +379,34 @@ def test_a_new_lane_waits_for_its_workers_without_holding_up_the_others(sched_se
         blocker.release()
         t.join(60)
     assert done.is_set() and not failure, failure
+
+
+def test_a_level_with_its_own_queue_policy_has_its_own_queue(sched_server: ServerProcess) -> None:
+    model = "ticket_levels"
+    with Client(sched_server.socket_path) as c:
+        for p in (1, 2):  # map both levels' lanes while the worker is free
+            c.infer(model, {"x": X}, priority=p)
+        blocker = c.request(model, batch=1, priority=2)
+        blocker.inputs["x"][:] = 0
+        for _ in range(200):
+            if blocker.taken:
+                break
+            threading.Event().wait(0.05)
+        assert blocker.taken  # taken: it no longer holds a queue place
+        high = [c.request(model, batch=1, priority=1) for _ in range(2)]
+        with pytest.raises(QueueFullError):
+            c.request(model, batch=1, priority=1)
+        low = [c.request(model, batch=1, priority=2) for _ in range(3)]  # the model's queue is separate
+        with pytest.raises(QueueFullError):
+            c.request(model, batch=1, priority=0)  # priority 0: the default level, whose queue is full
+        high[0].release()  # a request that leaves before it is taken gives its place back
+        high.append(c.request(model, batch=1, priority=1))
+        for r in high[1:] + low:
+            r.inputs["x"][:] = 0
+            r.submit()
+        blocker.run()
+        blocker.release()
+        tickets = [int(r.run()["OUTPUT__0"][0, 0]) for r in high[1:] + low]
+        for r in high[1:] + low:
+            r.release()
+    assert max(tickets[:2]) < min(tickets[2:])  # and level 1 ran first

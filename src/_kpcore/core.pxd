@@ -44,6 +44,7 @@ cdef extern from "kp_lane.h" nogil:
         uint64_t row_bytes[32]
         uint64_t tensor_off[32]
         uint32_t status
+        uint32_t qlevel
         kp_counters counters
 
     ctypedef struct kp_slot_hdr:
@@ -55,6 +56,8 @@ cdef extern from "kp_lane.h" nogil:
         uint64_t queued
         uint32_t max_queue
         uint64_t rejected
+        uint64_t level_queued[64]
+        uint32_t level_max[64]
 
     ctypedef struct kp_spin:
         uint32_t pause_iters

@@ -253,6 +253,18 @@ cdef class Doorbell:
     def queued(self):
         return self.db.queued
 
+    def set_level_max_queue(self, uint32_t level, uint32_t limit):
+        """Priority level `level` (1..64) has a queue of its own bounded by `limit` (0: unbounded); lanes
+        of that level count against it once told so (Lane.set_queue_level)."""
+        if not 1 <= level <= 64:
+            raise ValueError("a queue level is 1..64")
+        self.db.level_max[level - 1] = limit
+
+    def level_queued(self, uint32_t level):
+        if not 1 <= level <= 64:
+            raise ValueError("a queue level is 1..64")
+        return self.db.level_queued[level - 1]
+
     @property
     def rejected(self):
         return self.db.rejected
@@ -399,6 +411,13 @@ cdef class Lane:
         if rc < 0:
             _raise(rc)
         return rc
+
+    def set_queue_level(self, uint32_t level):
+        """Count this lane's requests against priority level `level`'s own queue (0: the model's). Set by
+        the server before anyone claims in the lane."""
+        if level > 64:
+            raise ValueError("a queue level is 0..64")
+        self.h.qlevel = level
 
     def taken(self, uint64_t seq):
         """Whether a worker has taken the batch serving `seq` (it runs now, or has run)."""

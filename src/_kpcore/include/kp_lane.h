@@ -35,6 +35,7 @@
 #define KP_NREQ_MAX 0x3fffu
 #define KP_DONE_UNIT 0x80000000u /* `released` when the slot is complete (see kp_add_released) */
 #define KP_MAX_PREFERRED 8
+#define KP_MAX_QLEVELS 64 /* priority levels that may have a queue of their own */
 
 /* return codes (negative: failures a caller maps to errors) */
 #define KP_OK 0
@@ -91,6 +92,7 @@ typedef struct {
     kp_a32 free_waiters;
     kp_a32 status;
     kp_a64 avg_run_ns; /* moving average of the backend's run time per batch (waiters size their spin by it) */
+    uint32_t qlevel;   /* 0: requests count against the model's queue; L: against level L's own (set by the server) */
     _Alignas(64) kp_counters counters;
 } kp_lane_hdr;
 
@@ -118,7 +120,11 @@ typedef struct {
     _Alignas(64) kp_a64 queued; /* requests claimed in any lane of the model and not yet taken */
     kp_a32 max_queue;           /* 0: unbounded; set by the server from the queue policy */
     kp_a64 rejected;            /* claims refused because the queue was full */
+    /* priority levels with a queue policy of their own (priority_queue_policy): their lanes count here */
+    _Alignas(64) kp_a64 level_queued[KP_MAX_QLEVELS];
+    kp_a32 level_max[KP_MAX_QLEVELS]; /* 0: unbounded */
 } kp_doorbell;
+_Static_assert(sizeof(kp_doorbell) <= 4096, "a doorbell fits its 4 KiB segment");
 
 typedef struct {
     uint32_t pause_iters; /* busy pauses before yielding (a few microseconds) */
@@ -309,14 +315,26 @@ static inline void kp_add_released(kp_lane_hdr *h, kp_slot_hdr *s, uint32_t n) {
     if (now == KP_DONE_UNIT) kp_slot_reset(h, s);
 }
 
+/* The queue a lane's requests count against: its priority level's own (a level with a
+ * priority_queue_policy), else the model's (default_queue_policy). */
+static inline kp_a64 *kp_qcount(kp_lane_hdr *h, kp_doorbell *d) {
+    uint32_t l = h->qlevel;
+    return l >= 1 && l <= KP_MAX_QLEVELS ? &d->level_queued[l - 1] : &d->queued;
+}
+
+static inline uint32_t kp_qlimit(kp_lane_hdr *h, kp_doorbell *d) {
+    uint32_t l = h->qlevel;
+    return atomic_load_explicit(l >= 1 && l <= KP_MAX_QLEVELS ? &d->level_max[l - 1] : &d->max_queue, KP_RELAXED);
+}
+
 /* A request of slot `seq` left before its batch was taken (cancelled, or its client is gone): give its
  * queue place back. The take zeroes the slot's request count when it consumes it, so each place is
  * given back exactly once, by whichever comes first. */
-static inline void kp_unqueue(kp_slot_hdr *s, kp_doorbell *d, uint64_t seq) {
+static inline void kp_unqueue(kp_lane_hdr *h, kp_slot_hdr *s, kp_doorbell *d, uint64_t seq) {
     uint64_t w = atomic_load_explicit(&s->word, KP_ACQUIRE);
     while (kp_gen(w) == (uint32_t)seq && kp_nreq(w) != 0) {
         if (atomic_compare_exchange_weak_explicit(&s->word, &w, w - (1ull << KP_NREQ_SHIFT), KP_ACQ_REL, KP_ACQUIRE)) {
-            if (atomic_load_explicit(&d->max_queue, KP_RELAXED)) atomic_fetch_sub_explicit(&d->queued, 1, KP_ACQ_REL);
+            if (kp_qlimit(h, d)) atomic_fetch_sub_explicit(kp_qcount(h, d), 1, KP_ACQ_REL);
             return;
         }
     }
@@ -375,7 +393,7 @@ static inline int kp_claim_rows(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint
         if (!atomic_compare_exchange_strong_explicit(&kp_row_words(h, s)[c], &empty,
                                                      kp_row(owner, q, KP_ROW_CLAIMED), KP_ACQ_REL, KP_ACQUIRE)) {
             *counted = 0; /* the worker already gave these rows up (only after a commit timeout): claim again */
-            if (d->max_queue) atomic_fetch_add_explicit(&d->queued, 1, KP_RELAXED); /* a new queue place */
+            if (kp_qlimit(h, d)) atomic_fetch_add_explicit(kp_qcount(h, d), 1, KP_RELAXED); /* a new queue place */
             continue;
         }
         if (nw & KP_CLOSED_BIT) {
@@ -389,7 +407,7 @@ static inline int kp_claim_rows(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint
             uint64_t mine = kp_row(owner, q, KP_ROW_CLAIMED);
             if (atomic_compare_exchange_strong_explicit(rw, &mine, kp_row(owner, q, KP_ROW_ABANDONED), KP_ACQ_REL,
                                                         KP_ACQUIRE)) {
-                kp_unqueue(s, d, q);
+                kp_unqueue(h, s, d, q);
                 atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
                 kp_add_released(h, s, n);
             }
@@ -405,18 +423,19 @@ static inline int kp_claim_rows(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint
 static inline int kp_claim(kp_lane_hdr *h, kp_doorbell *d, uint32_t n, uint32_t owner, uint64_t deadline_ns,
                            uint64_t queue_timeout_ns, const kp_spin *spin, uint64_t *seq_out, uint32_t *row_out) {
     if (n == 0 || n > h->max_batch || owner == 0) return KP_E_INVALID;
-    uint32_t limit = atomic_load_explicit(&d->max_queue, KP_RELAXED);
+    uint32_t limit = kp_qlimit(h, d);
+    kp_a64 *queued = kp_qcount(h, d);
     if (limit) {
         /* a queue place, given back by the worker when it takes the batch (or below on failure) */
-        if (atomic_fetch_add_explicit(&d->queued, 1, KP_ACQ_REL) >= limit) {
-            atomic_fetch_sub_explicit(&d->queued, 1, KP_ACQ_REL);
+        if (atomic_fetch_add_explicit(queued, 1, KP_ACQ_REL) >= limit) {
+            atomic_fetch_sub_explicit(queued, 1, KP_ACQ_REL);
             atomic_fetch_add_explicit(&d->rejected, 1, KP_RELAXED);
             return KP_E_FULL;
         }
     }
     int counted = 0;
     int rc = kp_claim_rows(h, d, n, owner, deadline_ns, queue_timeout_ns, spin, seq_out, row_out, &counted);
-    if (rc != KP_OK && limit && !counted) atomic_fetch_sub_explicit(&d->queued, 1, KP_ACQ_REL);
+    if (rc != KP_OK && limit && !counted) atomic_fetch_sub_explicit(queued, 1, KP_ACQ_REL);
     return rc;
 }
 
@@ -487,7 +506,7 @@ static inline int kp_release(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint3
     uint64_t expect = kp_row(owner, seq, KP_ROW_COMMITTED);
     if (atomic_compare_exchange_strong_explicit(rw, &expect, kp_row(owner, seq, KP_ROW_RELEASED), KP_ACQ_REL,
                                                 KP_ACQUIRE)) {
-        kp_unqueue(s, d, seq); /* released before its batch was taken: it leaves the queue */
+        kp_unqueue(h, s, d, seq); /* released before its batch was taken: it leaves the queue */
         kp_add_released(h, s, n);
         return KP_OK;
     }
@@ -500,7 +519,7 @@ static inline int kp_release(kp_lane_hdr *h, kp_doorbell *d, uint64_t seq, uint3
     expect = kp_row(owner, seq, KP_ROW_CLAIMED);
     if (atomic_compare_exchange_strong_explicit(rw, &expect, kp_row(owner, seq, KP_ROW_ABANDONED), KP_ACQ_REL,
                                                 KP_ACQUIRE)) {
-        kp_unqueue(s, d, seq);
+        kp_unqueue(h, s, d, seq);
         atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
         kp_ring(d);
         kp_add_released(h, s, n);
@@ -530,9 +549,8 @@ static inline void kp_lane_seal(kp_lane_hdr *h, kp_doorbell *d) {
         while (!kp_closed(w) &&
                !atomic_compare_exchange_weak_explicit(&s->word, &w, w | KP_CLOSED_BIT, KP_ACQ_REL, KP_ACQUIRE)) {
         }
-        if (kp_count(w) && atomic_load_explicit(&s->state, KP_ACQUIRE) == KP_SLOT_OPEN &&
-            atomic_load_explicit(&d->max_queue, KP_RELAXED))
-            atomic_fetch_sub_explicit(&d->queued, kp_nreq(w), KP_ACQ_REL);
+        if (kp_count(w) && atomic_load_explicit(&s->state, KP_ACQUIRE) == KP_SLOT_OPEN && kp_qlimit(h, d))
+            atomic_fetch_sub_explicit(kp_qcount(h, d), kp_nreq(w), KP_ACQ_REL);
     }
 }
 
@@ -552,7 +570,7 @@ static inline uint32_t kp_reclaim_owner(kp_lane_hdr *h, kp_doorbell *d, uint32_t
             if (st == KP_ROW_CLAIMED &&
                 atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row_with_state(w, KP_ROW_ABANDONED), KP_ACQ_REL,
                                                         KP_ACQUIRE)) {
-                kp_unqueue(s, d, kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)));
+                kp_unqueue(h, s, d, kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)));
                 atomic_fetch_add_explicit(&s->committed, n, KP_RELEASE);
                 atomic_fetch_add_explicit(&h->counters.abandoned_rows, n, KP_RELAXED);
                 kp_ring(d);
@@ -561,7 +579,7 @@ static inline uint32_t kp_reclaim_owner(kp_lane_hdr *h, kp_doorbell *d, uint32_t
             } else if ((st == KP_ROW_COMMITTED || st == KP_ROW_EXPIRED) &&
                        atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row_with_state(w, KP_ROW_RELEASED),
                                                                KP_ACQ_REL, KP_ACQUIRE)) {
-                kp_unqueue(s, d, kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)));
+                kp_unqueue(h, s, d, kp_gen(atomic_load_explicit(&s->word, KP_ACQUIRE)));
                 kp_add_released(h, s, n);
                 found++;
             }
@@ -657,7 +675,7 @@ static inline int kp_take_ready(kp_lane_hdr *h, kp_doorbell *d, uint64_t now, ui
     }
     uint32_t c = kp_count(w);
     if (c > h->max_batch) c = h->max_batch;
-    if (atomic_load_explicit(&d->max_queue, KP_RELAXED)) atomic_fetch_sub_explicit(&d->queued, kp_nreq(w), KP_ACQ_REL);
+    if (kp_qlimit(h, d)) atomic_fetch_sub_explicit(kp_qcount(h, d), kp_nreq(w), KP_ACQ_REL);
     s->nrows = c;
     s->taken_ns = now;
     atomic_store_explicit(&s->state, KP_SLOT_TAKEN, KP_RELEASE);

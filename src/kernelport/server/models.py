@@ -170,6 +170,7 @@ class ModelRuntime:
         self.stats: Any = None  # _kpcore.StatsBlock, kept by the workers
         self.lanes: dict[str, LaneEntry] = {}
         self.pending_lanes: dict[str, _PendingLane] = {}  # lanes being mapped in the workers
+        self.level_queues: dict[int, int] = {}  # priority level -> its own max_queue_size
         self.lane_epoch = 0  # bumped whenever every lane is dropped (workers died, stopped, draining)
         self.lock = threading.Lock()
         self.next_lane_id = 1
@@ -287,6 +288,9 @@ class ModelRuntime:
         seg = _kpcore.Segment.create(_kpcore.DOORBELL_BYTES, f"kp-{self.name}-bell")
         self.doorbell = _kpcore.Doorbell(seg, init=True)
         self.doorbell.set_max_queue(_max_queue_size(config))
+        self.level_queues = _level_queue_sizes(config)  # levels with a queue of their own
+        for level, size in self.level_queues.items():
+            self.doorbell.set_level_max_queue(level, size)
         max_rows = max(1, spec.max_batch_size)
         stats_seg = _kpcore.Segment.create(_kpcore.StatsBlock.required_size(max_rows), f"kp-{self.name}-stats")
         self.stats = _kpcore.StatsBlock(stats_seg, max_rows, init=True)
@@ -546,6 +550,8 @@ class ModelRuntime:
         log.debug("model '%s': lane %d for %s (%d bytes)", self.name, lane_id, shapes, size)
         seg = _kpcore.Segment.create(size, f"kp-{self.name}-lane{lane_id}")
         view = LaneView.attach(layout, seg, self.doorbell, init=True)
+        if level in self.level_queues:
+            view.lane.set_queue_level(level)
         for w in self.workers:
             fd = seg.dup_fd()
             try:
@@ -695,6 +701,15 @@ def _queue_policy(config: Any) -> dict[str, Any]:
     if db.HasField("default_queue_policy"):
         out["queue_timeout_us"], out["allow_timeout_override"] = timeout(db.default_queue_policy)
     return out
+
+
+def _level_queue_sizes(config: Any) -> dict[int, int]:
+    """Priority levels with a priority_queue_policy: each has a queue of its own, bounded by its
+    max_queue_size (0: unbounded), as in Triton."""
+    if not config.HasField("dynamic_batching"):
+        return {}
+    return {int(level): max(0, min(int(qp.max_queue_size), 2**31))
+            for level, qp in config.dynamic_batching.priority_queue_policy.items() if 1 <= int(level) <= 64}
 
 
 def _max_queue_size(config: Any) -> int:
