@@ -3,8 +3,8 @@
     python bench/faults.py                         # about 2 minutes; table to stdout, JSON to bench/results/
     python bench/faults.py --kills 3 --overload-seconds 3 --json /tmp/faults.json     # shorter
 
-It starts `kernelport serve` over a temp repository (the example `mlp`, and `mlp_bounded`: a heavier MLP
-with `default_queue_policy { max_queue_size }`) with gRPC on a free port, then:
+It starts `kernelport serve` over a temp repository (the example `mlp`, and `mlp_bounded`: a slow MLP with
+`default_queue_policy { max_queue_size }`) with gRPC on a free port, then:
 
 1. **Worker kills** (`mlp`): `--local-clients` processes (`kernelport.Client.infer`) and `--grpc-clients`
    processes (`tritonclient.grpc`) send batch-1 requests back to back; each kill waits until the model is
@@ -19,7 +19,8 @@ with `default_queue_policy { max_queue_size }`) with gRPC on a free port, then:
      earlier crash of the model within 60 s, as `ModelRuntime.worker_died` computes it);
    - **first success**: the time from the kill to the end of the first request started after it that
      succeeded, by transport.
-2. **Overload** (`mlp_bounded`): first its capacity, with `--overload-clients` closed-loop local clients
+2. **Overload** (`mlp_bounded`, a deep MLP of `--bounded-layers` 2048 x 2048 layers, max batch 8,
+   `max_queue_size` `--max-queue-size`): first its capacity, with `--overload-clients` closed-loop local clients
    (served samples/s when nothing is rejected: `max_queue_size` is large enough for them); then open-loop
    requests at `--overload-factor` x that rate: local client processes with threads that send on a fixed
    schedule (a request whose time came while its thread was still waiting goes at once), plus gRPC clients
@@ -63,40 +64,45 @@ OK, UNAVAILABLE, FULL, OTHER = 0, 1, 2, 3
 OUTCOMES = {OK: "ok", UNAVAILABLE: "not ready", FULL: "queue full", OTHER: "other error"}
 KILL_MODEL = "mlp"
 BOUNDED_MODEL = "mlp_bounded"
-# mlp_bounded: 512 -> 8192 -> 512 (about 17 MFLOP a sample): a few hundred to a few thousand samples/s on
-# one core, so that Python clients can offer ten times as much
-BOUNDED_HIDDEN = 16384
+BOUNDED_HIDDEN = 2048
 BOUNDED_MAX_BATCH = 8
 
 
 # ---- the repository ----------------------------------------------------------------------------------
 
 
-def build_repository(root: str, max_queue_size: int) -> None:
+def build_repository(root: str, max_queue_size: int, layers: int) -> None:
     from kernelport.examples import build_example_repository
 
     examples = os.path.join(root, "examples")
     build_example_repository(examples)
     shutil.copytree(os.path.join(examples, KILL_MODEL), os.path.join(root, KILL_MODEL))
     shutil.rmtree(examples)
-    _bounded_model(os.path.join(root, BOUNDED_MODEL), max_queue_size)
+    _bounded_model(os.path.join(root, BOUNDED_MODEL), max_queue_size, layers)
 
 
-def _bounded_model(path: str, max_queue_size: int) -> None:
+def _bounded_model(path: str, max_queue_size: int, layers: int) -> None:
+    """512 -> 2048, then `layers` times Relu and 2048 x 2048 (one weight, shared), then -> 512: about
+    8.4 MFLOP a sample per layer, so the model serves a few hundred samples/s on one core and the clients
+    can offer ten times that without taking the CPU the server needs (they mostly get rejections)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     d_in, hidden = 512, BOUNDED_HIDDEN
     w1 = (rng.standard_normal((d_in, hidden)) / np.sqrt(d_in)).astype(np.float32)
+    wh = (rng.standard_normal((hidden, hidden)) * np.sqrt(2.0 / hidden)).astype(np.float32)
     w2 = (rng.standard_normal((hidden, d_in)) / np.sqrt(hidden)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["INPUT0", "W1"], ["h0"])]
+    for i in range(layers):
+        nodes += [helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
+                  helper.make_node("MatMul", [f"r{i}", "WH"], [f"h{i + 1}"])]
+    nodes.append(helper.make_node("MatMul", [f"h{layers}", "W2"], ["OUTPUT0"]))
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["INPUT0", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "W2"], ["OUTPUT0"])],
-        BOUNDED_MODEL,
+        nodes, BOUNDED_MODEL,
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", d_in])],
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", d_in])],
-        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(wh, "WH"), numpy_helper.from_array(w2, "W2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     os.makedirs(os.path.join(path, "1"), exist_ok=True)
     onnx.save(model, os.path.join(path, "1", "model.onnx"))
@@ -542,10 +548,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--grpc-clients", type=int, default=2)
     p.add_argument("--restart-backoff-ms", type=float, default=250.0, help="the server's (its default)")
     p.add_argument("--max-queue-size", type=int, default=16)
+    p.add_argument("--bounded-layers", type=int, default=12, help=f"hidden 2048 x 2048 layers of {BOUNDED_MODEL}: "
+                   "its cost per sample (fewer: a faster model, and more CPU for the clients to offer 10 x)")
     p.add_argument("--overload-seconds", type=float, default=5.0)
     p.add_argument("--overload-factor", type=float, default=10.0)
     p.add_argument("--overload-threads", type=int, default=8, help="threads per local client process (open loop)")
-    p.add_argument("--grpc-rate", type=float, default=100.0, help="requests/s per gRPC client process, overload")
+    p.add_argument("--grpc-rate", type=float, default=150.0, help="requests/s per gRPC client process, overload")
     p.add_argument("--json")
     args = p.parse_args(argv)
     started = _dt.datetime.now(_dt.timezone.utc)
@@ -554,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     others = Others()
     with tempfile.TemporaryDirectory(prefix="kp-faults-") as tmp:
         repo = os.path.join(tmp, "repo")
-        build_repository(repo, args.max_queue_size)
+        build_repository(repo, args.max_queue_size, args.bounded_layers)
         sock = os.path.join(tmp, "kp.sock")
         server = ServerProcess.with_ports(repo, sock, "--max-restarts", "1000", "--restart-backoff-ms",
                                           str(args.restart_backoff_ms), grpc=True)
