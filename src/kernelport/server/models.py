@@ -318,14 +318,15 @@ class ModelRuntime:
     def worker_died(self, w: WorkerHandle) -> float | None:
         """A worker exited on its own: fail everything it held, at once. Returns the delay before a
         restart, or None when it crashed too often to try again."""
-        code = w.process.exitcode
-        log.error("model '%s': worker %d exited (code %s); the model is unavailable", self.name, w.index, code)
         self.state = UNAVAILABLE
         with self.lock:
             for lane in self.lanes.values():
                 lane.view.lane.set_status(_kpcore.LANE_DEAD)
                 lane.view.lane.seal()
             self.lanes.clear()
+        w.process.join(1.0)  # its sentinel fired: the process is gone; reap it, so its exit code is known
+        code = w.process.exitcode
+        log.error("model '%s': worker %d exited (code %s); the model is unavailable", self.name, w.index, code)
         now = time.monotonic()
         self.crashes = [t for t in self.crashes if now - t < CRASH_WINDOW_S] + [now]
         self.worker_crashes += 1
