@@ -7,9 +7,9 @@ It starts `kernelport serve` over a temp repository (the example `mlp`, and `mlp
 `default_queue_policy { max_queue_size }`) with gRPC on a free port, then:
 
 1. **Worker kills** (`mlp`): `--local-clients` processes (`kernelport.Client.infer`) and `--grpc-clients`
-   processes (`tritonclient.grpc`) send batch-1 requests back to back; each kill waits until the model is
-   READY and has served requests of every client since its last restart for `--settle` seconds, then SIGKILLs
-   its worker (pid from the local socket's `server_status()`). Per kill:
+   processes (`tritonclient.grpc`) send batch-1 requests back to back; once every client has had a result,
+   and then `--settle` seconds after each recovery, the model's worker is SIGKILLed (its pid from the
+   local socket's `server_status()`), `--kills` times. Per kill:
    - **held**: the requests that had started and not yet ended at the kill (mid-batch: the worker is busy
      with batches all the time under this load), and **last answer**: the time from the kill to the end of
      the last of them (every one must end, by an error or, when its batch finished just before the kill
@@ -20,13 +20,14 @@ It starts `kernelport serve` over a temp repository (the example `mlp`, and `mlp
    - **first success**: the time from the kill to the end of the first request started after it that
      succeeded, by transport.
 2. **Overload** (`mlp_bounded`, a deep MLP of `--bounded-layers` 2048 x 2048 layers, max batch 8,
-   `max_queue_size` `--max-queue-size`): first its capacity, with `--overload-clients` closed-loop local clients
-   (served samples/s when nothing is rejected: `max_queue_size` is large enough for them); then open-loop
-   requests at `--overload-factor` x that rate: local client processes with threads that send on a fixed
-   schedule (a request whose time came while its thread was still waiting goes at once), plus gRPC clients
-   at a fixed rate. Reported: the offered and served rates, the rejection latency (QueueFullError locally,
-   RESOURCE_EXHAUSTED over gRPC: from the call to the exception) p50/p99/max, and the latency of the accepted
-   requests p50/p99/max, by transport.
+   `max_queue_size` `--max-queue-size`): first its capacity, closed loop, from the local client processes
+   with `max_queue_size` requests in flight in all (none is rejected); then open-loop requests at
+   `--overload-factor` x that rate: the local client processes with `--overload-threads` threads each that
+   send on a fixed schedule (a request whose time came while its thread was still waiting goes at once),
+   plus the gRPC client processes at `--grpc-rate` each. Reported: the offered and served rates, the
+   rejection latency (QueueFullError locally, RESOURCE_EXHAUSTED over gRPC: from the call to the exception)
+   p50/p99/max, the latency of the accepted requests p50/p99/max, by transport, and gRPC ServerLive from
+   this process every 20 ms meanwhile (an RPC that does no work, under the same load).
 
 Times are CLOCK_MONOTONIC, which every process on the host shares: client processes send their records
 (start, end, outcome) over a pipe at the end of each phase. Figures are absolute times, as the issue names
