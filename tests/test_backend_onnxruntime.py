@@ -230,6 +230,53 @@ def test_identity_16m_copies_into_the_bound_output(example_repo: str) -> None:
         )
 
 
+def test_identity_of_an_input_is_bound_to_the_input_itself(tmp_path: object, example_repo: str) -> None:
+    # identity_16m's output is an Identity of its input: the backend says so, and bound to the input's own
+    # memory the output holds the input's values after every run, ORT writing (nothing) in place
+    backend = _load(example_repo, "identity_16m")
+    assert backend.passthrough_outputs() == {"OUTPUT0": "INPUT0"}
+    assert _load(example_repo, "add_sub").passthrough_outputs() == {}
+    assert _load(example_repo, "mlp").passthrough_outputs() == {}
+    x = np.random.default_rng(6).standard_normal((1, 4 * 1024 * 1024)).astype(np.float32)
+    runner = backend.bind({"INPUT0": x}, {"OUTPUT0": x})
+    assert backend.copied_outputs(runner) == ()
+    want = x.copy()
+    runner()
+    np.testing.assert_array_equal(x, want)
+    x *= -2
+    runner()
+    np.testing.assert_array_equal(x, want * -2)
+    # a partial overlap is still refused, and so is an output that is not a pass-through on its input
+    buf = np.zeros(2 * 4 * 1024 * 1024, np.float32)
+    shifted = buf[1 : 1 + 4 * 1024 * 1024].reshape(1, -1)
+    with pytest.raises(ValueError, match="overlaps"):
+        backend.bind({"INPUT0": buf[: 4 * 1024 * 1024].reshape(1, -1)}, {"OUTPUT0": shifted})
+    add_sub = _load(example_repo, "add_sub")
+    a, b = np.ones((2, 16), np.float32), np.ones((2, 16), np.float32)
+    with pytest.raises(ValueError, match="overlaps"):
+        add_sub.bind({"INPUT0": a, "INPUT1": b}, {"OUTPUT0": a, "OUTPUT1": np.zeros((2, 16), np.float32)})
+
+    # chains of Identity nodes count; an Identity of a computed value, of an initializer, or one that
+    # changes nothing but a name of a graph input used as an output itself, does not
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["x"], ["i1"]),
+            helper.make_node("Identity", ["i1"], ["chained"]),
+            helper.make_node("Neg", ["x"], ["neg"]),
+            helper.make_node("Identity", ["neg"], ["computed"]),
+            helper.make_node("Identity", ["w"], ["weight"]),
+        ],
+        "chains",
+        [_fp32("x", ["n", 4])],
+        [_fp32("chained", ["n", 4]), _fp32("computed", ["n", 4]), _fp32("weight", [4])],
+        [numpy_helper.from_array(np.arange(4, dtype=np.float32), "w")],
+    )
+    chains = load_backend("onnxruntime")
+    assert isinstance(chains, OnnxRuntimeBackend)
+    chains.load(_save(tmp_path, graph), _spec("chains", 0, ["x"], ["chained", "computed", "weight"]))
+    assert chains.passthrough_outputs() == {"chained": "x"}
+
+
 def test_pass_through_output_falls_back_to_one_copy(tmp_path: object) -> None:
     # A graph output that is a graph input: ORT hands back the input's own buffer instead of writing the
     # bound output, so the runner must copy it.

@@ -84,6 +84,31 @@ def test_16mib_identity_both_forms(client: Client) -> None:
         out = req.run()
         np.testing.assert_array_equal(out["OUTPUT0"], x)
         assert not out["OUTPUT0"].flags.writeable
+        # the output is the input passed through (an ONNX Identity): the lane gives it the input's rows,
+        # so the worker computes it with no copy and the lane holds no rows for it
+        assert np.shares_memory(out["OUTPUT0"], req.inputs["INPUT0"])
+    layout = next(iter(client._models["identity_16m"].lanes.values())).layout
+    assert layout.aliases == (-1, 0) and layout.row_bytes == [4 * 4194304, 0]
+    # mixed with requests of another model in between, the next request still gets its own values
+    y = rand(1, 4194304, seed=10)
+    np.testing.assert_array_equal(client.infer("add_sub", {"INPUT0": y[:, :16], "INPUT1": y[:, :16]})["OUTPUT0"],
+                                  2 * y[:, :16])
+    np.testing.assert_array_equal(client.infer("identity_16m", {"INPUT0": y})["OUTPUT0"], y)
+
+
+def test_lane_layout_refuses_bad_aliases() -> None:
+    from kernelport.client.lanes import LaneLayout
+
+    good = {"lane_id": 1, "nslots": 2, "max_batch": 1, "batching": True, "n_inputs": 1, "size": 0,
+            "tensors": [{"name": "x", "datatype": "FP32", "dims": [4]}, {"name": "y", "datatype": "FP32", "dims": [4]}],
+            "aliases": [-1, 0]}
+    assert LaneLayout.from_dict(good).row_bytes == [16, 0]
+    for aliases in ([0, -1], [-1, 1], [-1, 5], [-1]):  # an input aliased, an output on itself, out of range
+        with pytest.raises(ValueError, match="lane layout"):
+            LaneLayout.from_dict({**good, "aliases": aliases})
+    other = {**good, "tensors": [good["tensors"][0], {"name": "y", "datatype": "FP32", "dims": [5]}]}
+    with pytest.raises(ValueError, match="cannot share"):
+        LaneLayout.from_dict(other)
 
 
 def test_zero_copy_request(client: Client) -> None:

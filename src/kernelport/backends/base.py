@@ -230,12 +230,15 @@ def check_bind_arrays(
     reject_empty: bool = False,
     require_aligned: bool = True,
     check_overlap: bool = True,
+    passthrough: Mapping[str, str] | None = None,
 ) -> int | None:
     """Names, dtypes, ranks, static dims, batch size and layout of the arrays `bind` gets; return the batch
     size (None: no batch dim). ValueError (TypeError for a non-array) naming the model and the tensor.
 
     The keywords are where backends differ: datatypes they cannot bind (and why), whether an empty array,
-    an unaligned one or outputs whose memory overlaps another array are refused.
+    an unaligned one or outputs whose memory overlaps another array are refused. `passthrough` (output ->
+    input, from `Backend.passthrough_outputs`) names outputs that may be the very memory of their input
+    (same address and shape): the model writes the input's own values there, so nothing is overwritten.
     """
     by_input = {sig.name: sig for sig in sig_inputs}
     by_output = {sig.name: sig for sig in sig_outputs}
@@ -286,7 +289,11 @@ def check_bind_arrays(
         for i, (label, arr) in enumerate(checked):
             if not label.startswith("output"):
                 continue
+            source = (passthrough or {}).get(label[len("output '"):-1])
             for other_label, other in checked[:i] + checked[i + 1 :]:
+                if (source is not None and other_label == f"input '{source}'" and other.shape == arr.shape
+                        and other.ctypes.data == arr.ctypes.data):
+                    continue  # a pass-through output bound to its own input: the same bytes, by design
                 if np.may_share_memory(arr, other):
                     raise ValueError(f"model '{model}' {label}: its memory overlaps {other_label}")
     return batch
@@ -335,6 +342,12 @@ class Backend(abc.ABC):
         current contents on every call. Raises ValueError when an array does not fit the model
         (name, dtype, shape, contiguity, writability).
         """
+
+    def passthrough_outputs(self) -> dict[str, str]:
+        """Outputs the model returns unchanged from an input (output name -> input name), so that the lane
+        can give such an output its input's rows and `bind` gets the two as the same array. Only what the
+        model file proves (an ONNX Identity of a graph input); by default none."""
+        return {}
 
     @abc.abstractmethod
     def close(self) -> None:

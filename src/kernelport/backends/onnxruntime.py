@@ -270,6 +270,7 @@ class OnnxRuntimeBackend(Backend):
         self._copied_by_runner: WeakKeyDictionary[Callable[[], None], tuple[str, ...]] = WeakKeyDictionary()
         self._providers: list[str] = []
         self._gpu = 0
+        self._passthrough: dict[str, str] = {}
 
     # -- Backend ----------------------------------------------------------------------------------------
 
@@ -307,6 +308,7 @@ class OnnxRuntimeBackend(Backend):
         self._max_batch_size = int(spec.max_batch_size)
         self._inputs, self._outputs = inputs, outputs
         self._plans.clear()
+        self._passthrough = _identity_outputs(path, inputs, outputs)
         self._providers = list(session.get_providers())
         self._gpu = instance_gpu(spec)
         log.debug(
@@ -324,7 +326,8 @@ class OnnxRuntimeBackend(Backend):
     def bind(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> Callable[[], None]:
         session = self._require_session()
         check_bind_arrays(
-            self._model, self._max_batch_size, self._inputs, self._outputs, inputs, outputs, reject_empty=True
+            self._model, self._max_batch_size, self._inputs, self._outputs, inputs, outputs, reject_empty=True,
+            passthrough=self._passthrough,
         )
 
         input_shapes = {name: tuple(arr.shape) for name, arr in inputs.items()}
@@ -389,6 +392,12 @@ class OnnxRuntimeBackend(Backend):
         )
         self._copied_by_runner[run_bound_copying] = copied
         return run_bound_copying
+
+    def passthrough_outputs(self) -> dict[str, str]:
+        """Graph outputs that are an Identity (or a chain of them) of a graph input. Bound to the input's
+        own memory, ORT's Identity kernel sees source == target and copies nothing (and when ORT's
+        optimizer removed the node, the output *is* the input): the output costs no copy at all."""
+        return dict(self._passthrough) if self.device() == "cpu" else {}
 
     def close(self) -> None:
         self._session = None
@@ -475,6 +484,35 @@ class OnnxRuntimeBackend(Backend):
             for (name, arr), value in zip(scratch_out.items(), values)
             if value.data_ptr() != arr.ctypes.data
         )
+
+
+def _identity_outputs(path: str, inputs: Sequence[TensorSig], outputs: Sequence[TensorSig]) -> dict[str, str]:
+    """Output name -> input name for every graph output made by Identity nodes alone from a graph input of
+    the same type and shape, read from the model file (the `onnx` package; without it, none)."""
+    try:
+        import onnx
+    except ImportError:
+        return {}
+    try:
+        graph = onnx.load(path, load_external_data=False).graph
+    except Exception:  # noqa: BLE001 -- ORT loaded it; a file onnx cannot parse just gets no pass-through
+        return {}
+    made_by = {out: node for node in graph.node for out in node.output}
+    initializers = {t.name for t in graph.initializer}
+    by_input = {sig.name: sig for sig in inputs if sig.name not in initializers}
+    found: dict[str, str] = {}
+    for sig in outputs:
+        name = sig.name
+        for _ in range(len(graph.node) + 1):
+            node = made_by.get(name)
+            if node is None or node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+                break
+            name = node.input[0]
+        source = by_input.get(name)
+        if (source is not None and name != sig.name and source.datatype == sig.datatype
+                and source.datatype not in ("BYTES", "BF16") and source.shape == sig.shape):
+            found[sig.name] = name
+    return found
 
 
 def _ort_strings(a: np.ndarray) -> np.ndarray:

@@ -248,10 +248,17 @@ class LaneLayout:
     priority: int = 0  # scheduling (see kernelport.server.scheduling): the level, 1 runs first
     share_class: int = 0  # the tenant class it counts against
     weight: int = 1
+    # per tensor: the index of the input whose rows it shares, -1 for its own rows (empty: none shared).
+    # An output the model passes through unchanged (ONNX Identity of an input) is read from its input's
+    # rows: the backend is bound to write it there, which costs nothing, so it takes no lane memory.
+    aliases: tuple[int, ...] = ()
+
+    def alias_of(self, i: int) -> int:
+        return self.aliases[i] if self.aliases else -1
 
     @property
     def row_bytes(self) -> list[int]:
-        return [t.row_bytes for t in self.tensors]
+        return [0 if self.alias_of(i) >= 0 else t.row_bytes for i, t in enumerate(self.tensors)]
 
     def required_size(self) -> int:
         return int(_kpcore.Lane.required_size(self.nslots, self.max_batch, self.row_bytes))
@@ -263,6 +270,7 @@ class LaneLayout:
             "priority": self.priority, "share_class": self.share_class, "weight": self.weight,
             "tensors": [{"name": t.name, "datatype": t.datatype, "dims": list(t.dims), "capacity": t.capacity}
                         for t in self.tensors],
+            "aliases": list(self.aliases),
         }
 
     @classmethod
@@ -273,9 +281,26 @@ class LaneLayout:
         memory = str(d.get("memory", "host"))
         if memory != "host":
             raise ValueError(f"lane rows in {memory!r} memory are not supported by this client")
+        n_inputs = int(d["n_inputs"])
+        aliases = tuple(int(a) for a in d.get("aliases") or ())
+        if aliases:
+            check_aliases(tensors, n_inputs, aliases)
         return cls(int(d["lane_id"]), int(d["nslots"]), int(d["max_batch"]), bool(d["batching"]), tensors,
-                   int(d["n_inputs"]), int(d["size"]), memory, int(d.get("priority", 0)),
-                   int(d.get("share_class", 0)), int(d.get("weight", 1)))
+                   n_inputs, int(d["size"]), memory, int(d.get("priority", 0)),
+                   int(d.get("share_class", 0)), int(d.get("weight", 1)), aliases)
+
+def check_aliases(tensors: Sequence[TensorInfo], n_inputs: int, aliases: Sequence[int]) -> None:
+    """A tensor may share only the rows of an input of its own type and per-sample shape; only outputs
+    share, and BYTES tensors never (their rows hold encoded elements)."""
+    if len(aliases) != len(tensors):
+        raise ValueError("lane layout: one alias entry per tensor expected")
+    for i, (t, a) in enumerate(zip(tensors, aliases)):
+        if a < 0:
+            continue
+        src = tensors[a] if a < n_inputs else None
+        if i < n_inputs or src is None or t.is_bytes or src.is_bytes or (t.datatype, tuple(t.dims)) != (
+                src.datatype, tuple(src.dims)):
+            raise ValueError(f"lane layout: tensor '{t.name}' cannot share the rows of tensor {a}")
 
 
 @dataclass
@@ -292,7 +317,10 @@ class LaneView:
         views: list[list[np.ndarray]] = []
         for slot in range(layout.nslots):
             per: list[np.ndarray] = []
-            for off, t in zip(lane.slot_offsets(slot), layout.tensors):
+            for i, (off, t) in enumerate(zip(lane.slot_offsets(slot), layout.tensors)):
+                if layout.alias_of(i) >= 0:  # a pass-through output: its input's rows
+                    per.append(per[layout.alias_of(i)])
+                    continue
                 if t.is_bytes:  # raw element areas: u32 length + capacity bytes each
                     arr = np.frombuffer(segment, dtype=np.uint8, count=layout.max_batch * t.row_bytes, offset=off)
                     per.append(arr.reshape((layout.max_batch, *t.dims, 4 + t.capacity)))

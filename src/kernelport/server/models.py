@@ -176,6 +176,7 @@ class ModelRuntime:
         self.next_lane_id = 1
         self.framework = ""
         self.device = ""
+        self.passthrough: dict[str, str] = {}
         self.load_seconds = 0.0
         self.crashes: list[float] = []  # monotonic times of recent worker crashes
         self.worker_crashes = 0  # workers that exited on their own since the model was loaded (metrics)
@@ -259,6 +260,7 @@ class ModelRuntime:
         placed = sorted({p.device.uuid for p in self.placements if p.device is not None})
         if placed:
             self.device += " on " + ", ".join(placed)
+        self.passthrough = dict(rep.get("passthrough") or {})  # output -> input it returns unchanged
         ins = [TensorSig(t["name"], t["datatype"], tuple(t["shape"])) for t in rep["inputs"]]
         outs = [TensorSig(t["name"], t["datatype"], tuple(t["shape"])) for t in rep["outputs"]]
         can_batch = all(len(t.shape) > 0 and t.shape[0] == -1 for t in ins + outs)
@@ -391,8 +393,6 @@ class ModelRuntime:
     def worker_died(self, w: WorkerHandle) -> float | None:
         """A worker exited on its own: fail everything it held, at once. Returns the delay before a
         restart, or None when it crashed too often to try again."""
-        code = w.process.exitcode
-        log.error("model '%s': worker %d exited (code %s); the model is unavailable", self.name, w.index, code)
         self.state = UNAVAILABLE
         with self.lock:
             self.lane_epoch += 1
@@ -400,6 +400,9 @@ class ModelRuntime:
                 lane.view.lane.set_status(_kpcore.LANE_DEAD)
                 lane.view.lane.seal()
             self.lanes.clear()
+        w.process.join(1.0)  # its sentinel fired: the process is gone; reap it, so its exit code is known
+        code = w.process.exitcode
+        log.error("model '%s': worker %d exited (code %s); the model is unavailable", self.name, w.index, code)
         now = time.monotonic()
         self.crashes = [t for t in self.crashes if now - t < CRASH_WINDOW_S] + [now]
         self.worker_crashes += 1
@@ -541,12 +544,14 @@ class ModelRuntime:
         self.next_lane_id += 1
         max_batch = info.max_batch_size if info.batching else 1
         nslots = int(self.spec.parameters.get("kernelport.lane_slots", self.options.lane_slots)) if self.spec else 4
-        slot_bytes = max_batch * sum(t.row_bytes for t in tensors)
+        aliases = pass_through_aliases(tensors, len(info.inputs), self.passthrough)
+        slot_bytes = max_batch * sum(t.row_bytes for i, t in enumerate(tensors) if not aliases or aliases[i] < 0)
         nslots = max(2, min(nslots, LANE_BYTES_BUDGET // max(1, slot_bytes)))  # large tensors: fewer slots
-        layout = LaneLayout(lane_id, nslots, max_batch, info.batching, tensors, len(info.inputs))
+        layout = LaneLayout(lane_id, nslots, max_batch, info.batching, tensors, len(info.inputs), aliases=aliases)
         size = layout.required_size()
         layout = LaneLayout(lane_id, layout.nslots, max_batch, info.batching, tensors, len(info.inputs), size,
-                            priority=level, share_class=share_class, weight=self.tenants.policy.weight(tenant))
+                            priority=level, share_class=share_class, weight=self.tenants.policy.weight(tenant),
+                            aliases=aliases)
         log.debug("model '%s': lane %d for %s (%d bytes)", self.name, lane_id, shapes, size)
         seg = _kpcore.Segment.create(size, f"kp-{self.name}-lane{lane_id}")
         view = LaneView.attach(layout, seg, self.doorbell, init=True)
@@ -584,6 +589,19 @@ class ModelRuntime:
             for k, v in lane.view.lane.counters().items():
                 total[k] = total.get(k, 0) + int(v)
         return total
+
+
+def pass_through_aliases(tensors: tuple[TensorInfo, ...], n_inputs: int,
+                         passthrough: dict[str, str]) -> tuple[int, ...]:
+    """Per lane tensor, the input whose rows it shares (-1: its own): outputs the backend reports as its
+    input unchanged, when their per-sample shape and type match in this lane. Empty when none."""
+    index = {t.name: i for i, t in enumerate(tensors[:n_inputs])}
+    aliases = []
+    for i, t in enumerate(tensors):
+        j = index.get(passthrough.get(t.name, ""), -1) if i >= n_inputs and not t.is_bytes else -1
+        ok = j >= 0 and (tensors[j].datatype, tensors[j].dims) == (t.datatype, t.dims) and not tensors[j].is_bytes
+        aliases.append(j if ok else -1)
+    return tuple(aliases) if any(a >= 0 for a in aliases) else ()
 
 
 def warmup_inputs(sample: Any, info: ModelInfo, model_dir: str, label: str) -> dict[str, np.ndarray]:

@@ -75,6 +75,7 @@ class Worker:
             "outputs": [_sig(t) for t in outputs],
             "framework": backend.framework_version(),
             "device": backend.device(),
+            "passthrough": backend.passthrough_outputs(),
             "pid": os.getpid(),
         }))
 
