@@ -50,6 +50,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
+from kernelport.client.lanes import Cancellation
 from kernelport.errors import InvalidInputError, KernelPortError, ModelNotFoundError
 from kernelport.protocol import message_class
 from kernelport.server.shm_registry import SharedMemoryRegion, SharedMemoryRegistry
@@ -600,20 +601,43 @@ class InferenceServicer:
     # -- inference -----------------------------------------------------------------------------------
 
     def model_infer(self, request: Any, context: grpc.ServicerContext) -> Message:
-        return self.infer(request, context.time_remaining())
+        # A call cancelled by its client, or whose deadline passes, releases its request at once
+        # (gRPC runs the callback on cancellation and deadline; on a normal end it finds nothing held).
+        cancel = Cancellation()
+        if not context.add_callback(cancel.cancel):
+            cancel.cancel()  # the call has already ended
+        return self.infer(request, context.time_remaining(), cancel=cancel)
 
     def model_stream_infer(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[Message]:
         results: queue.Queue[Any] = queue.Queue()
         stop = object()
-        context.add_callback(lambda: results.put(stop))
+        in_flight: set[Cancellation] = set()
+        in_flight_lock = threading.Lock()
+        ended = False
+
+        def on_end() -> None:  # the stream was cancelled, timed out or finished
+            nonlocal ended
+            with in_flight_lock:
+                ended = True
+                pending = list(in_flight)
+            for c in pending:
+                c.cancel()
+            results.put(stop)
+
+        context.add_callback(on_end)
         window = threading.BoundedSemaphore(_STREAM_WINDOW)
 
         def run_one(request: Any) -> None:
             resp = self.ModelStreamInferResponse()
+            cancel = Cancellation()
+            with in_flight_lock:
+                if ended:
+                    cancel.cancel()
+                in_flight.add(cancel)
             try:
-                self.infer(request, context.time_remaining(), into=resp.infer_response)
+                self.infer(request, context.time_remaining(), into=resp.infer_response, cancel=cancel)
             except KernelPortError as err:
                 resp.Clear()
                 resp.error_message = str(err) or type(err).__name__
@@ -625,6 +649,9 @@ class InferenceServicer:
                 resp.Clear()
                 resp.error_message = "internal error in ModelStreamInfer; see the server log"
                 resp.infer_response.id = request.id
+            finally:
+                with in_flight_lock:
+                    in_flight.discard(cancel)
             results.put(resp)
 
         def read_requests() -> None:
@@ -655,11 +682,12 @@ class InferenceServicer:
             window.release()
             yield item
 
-    def infer(self, request: Any, deadline_s: float | None = None, into: Message | None = None) -> Message:
+    def infer(self, request: Any, deadline_s: float | None = None, into: Message | None = None,
+              cancel: Cancellation | None = None) -> Message:
         """Run one ModelInferRequest through the data plane; raises KernelPortError subclasses.
 
         The response is built in `into` when given (a ModelInferResponse inside a stream response, so the
-        output bytes are not copied twice), else in a new message.
+        output bytes are not copied twice), else in a new message. `cancel` is the call's cancel switch.
         """
         name = request.model_name
         if not name:
@@ -680,7 +708,7 @@ class InferenceServicer:
             timeout = _timeout(request, deadline_s)
             wanted = [o.name for o in out_plan] if len(request.outputs) else None
             results = self.dp.infer(name, inputs, outputs=wanted, timeout=timeout,
-                                    queue_timeout=_timeout(request, None))
+                                    queue_timeout=_timeout(request, None), cancel=cancel)
             del inputs  # views of shared memory must not outlive the regions' references
             resp = into if into is not None else self.ModelInferResponse()
             self._encode_outputs(spec, request, out_plan, results, region, resp)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 import _kpcore
-from kernelport.client.lanes import SERVER_OWNER, ModelInfo, check_outputs, validate_inputs
+from kernelport.client.lanes import SERVER_OWNER, Cancellation, ModelInfo, check_outputs, validate_inputs
 from kernelport.errors import KernelPortError, ModelNotFoundError, ModelNotReadyError, ServerUnavailableError
 from kernelport.repository import ModelSpec, load_model, load_repository, validate_model_name
 from kernelport.server.models import READY, UNAVAILABLE, ModelRuntime, ServerOptions, scrub_paths
@@ -240,14 +240,22 @@ class DataPlane:
         return snapshot_from_counters(name, version, rt.stats.snapshot())
 
     def counters(self, name: str) -> dict[str, int]:
-        return self._runtime(name).counters()
+        """The lane counters summed over the model's lanes, and `queued`: requests claimed and not yet
+        taken (kept only when the model has a max_queue_size)."""
+        rt = self._runtime(name)
+        out = rt.counters()
+        out["queued"] = int(rt.doorbell.queued) if rt.doorbell is not None else 0
+        return out
 
     # ---- inference ----
 
     def infer(self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
-              timeout: float | None = None, queue_timeout: float | None = None) -> dict[str, np.ndarray]:
+              timeout: float | None = None, queue_timeout: float | None = None,
+              cancel: Cancellation | None = None) -> dict[str, np.ndarray]:
         """`queue_timeout` (seconds): the request's own queue timeout, honoured when the model's queue
-        policy allows overriding its default."""
+        policy allows overriding its default. `cancel`: the caller's cancel switch (a gRPC call's
+        cancellation or deadline): a request cancelled while queued gives its place back and is never
+        run; RequestCancelledError."""
         for attempt in (0, 1):
             rt = self._runtime(name)
             info = rt.require_ready()
@@ -259,7 +267,8 @@ class DataPlane:
                 qt = min(qt, timeout) if qt else timeout
             try:
                 lane = rt.lane_for(shapes, caps)
-                return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None, qt)
+                return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None, qt,
+                                     cancel)
             except (_kpcore.LaneRetired, ModelNotReadyError) as e:
                 # evicted, or the model was reloaded meanwhile: the next lookup finds the new lane or model
                 replaced = self.models.get(name) is not rt

@@ -48,7 +48,7 @@ UNLOADING = "UNLOADING"
 CRASH_WINDOW_S = 60.0
 LANE_BYTES_BUDGET = 256 << 20  # a lane of large tensors gets fewer slots (but always 2)
 LANE_COUNTERS = ("claims", "batches", "rows", "client_sleeps", "worker_sleeps", "commit_timeouts", "full_waits",
-                 "abandoned_rows", "failed_batches", "expired_requests")
+                 "abandoned_rows", "failed_batches", "expired_requests", "cancelled_requests")
 
 
 @dataclass
