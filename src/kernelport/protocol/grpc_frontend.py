@@ -277,6 +277,7 @@ class InferenceServicer:
             max_workers=stream_workers, thread_name_prefix="kp-grpc-stream"
         )
         self._watches = threading.BoundedSemaphore(_MAX_WATCHES)
+        self._plans: dict[str, _ModelPlan] = {}  # per model, rebuilt when its spec changes (reload)
         self._closed = threading.Event()
         m = message_class
         self.ModelInferResponse = m("inference.ModelInferResponse")
@@ -693,8 +694,15 @@ class InferenceServicer:
         if not name:
             raise InvalidInputError("model_name is required")
         spec = self.dp.model_spec(name)
-        if request.model_version and request.model_version not in self.dp.model_info(name).versions:
+        info = self.dp.model_info(name)
+        if request.model_version and request.model_version not in info.versions:
             raise ModelNotFoundError(f"model '{name}' has no version '{request.model_version}'")
+        plan = self._model_plan(name, spec, info)
+        if plan.fast:
+            checked = _fast_inputs(plan, request)
+            outs = _fast_outputs(plan, request) if checked is not None else None
+            if checked is not None and outs is not None:
+                return self._fast_infer(plan, request, checked, outs, deadline_s, into, cancel)
         with contextlib.ExitStack() as stack:
             regions: dict[str, SharedMemoryRegion] = {}
 
@@ -713,6 +721,46 @@ class InferenceServicer:
             resp = into if into is not None else self.ModelInferResponse()
             self._encode_outputs(spec, request, out_plan, results, region, resp)
             return resp
+
+    def _model_plan(self, name: str, spec: Any, info: Any) -> _ModelPlan:
+        plan = self._plans.get(name)
+        if plan is None or plan.spec is not spec or plan.info is not info:  # first use, or reloaded
+            plan = _ModelPlan.build(spec, info)
+            self._plans[name] = plan
+        return plan
+
+    def _fast_infer(
+        self,
+        plan: _ModelPlan,
+        request: Any,
+        checked: tuple[list[np.ndarray], int, tuple[tuple[int, ...], ...]],
+        outs: tuple[tuple[_OutputPlan, ...], list[str] | None],
+        deadline_s: float | None,
+        into: Message | None,
+        cancel: Cancellation | None,
+    ) -> Message:
+        """The common request, checked once against the cached plan: raw tensors in the message, no
+        shared memory, no BYTES. The data plane does not validate it a second time."""
+        arrays, n, shapes = checked
+        out_plan, wanted = outs
+        if len(request.parameters):
+            timeout, queue_timeout = _timeout(request, deadline_s), _timeout(request, None)
+        else:
+            timeout, queue_timeout = (None if deadline_s is None else max(0.0, deadline_s)), None
+        results = self.dp.infer_checked(plan.spec.name, plan.info, arrays, n, shapes, outputs=wanted,
+                                        timeout=timeout, queue_timeout=queue_timeout, cancel=cancel)
+        resp = into if into is not None else self.ModelInferResponse()
+        resp.model_name = plan.spec.name
+        resp.model_version = request.model_version or "1"
+        resp.id = request.id
+        add = resp.outputs.add
+        raw: list[bytes] = []
+        for p in out_plan:
+            arr = results[p.name]
+            add(name=p.name, datatype=p.spec.datatype, shape=arr.shape)
+            raw.append(arr.tobytes())
+        resp.raw_output_contents.extend(raw)
+        return resp
 
     def _decode_inputs(
         self, spec: Any, request: Any, region: Callable[[str], SharedMemoryRegion]
@@ -891,6 +939,109 @@ class _OutputPlan:
     name: str
     spec: Any
     shm: _ShmRef | None
+
+
+_MAX_OUTPUT_SELECTIONS = 64  # distinct requested-output lists remembered per model
+
+
+@dataclass
+class _ModelPlan:
+    """What the fast path needs of one model, made once per loaded spec: where each input goes, its
+    datatype, dtype, dims and item size; the default output list. `fast` is False for models with
+    BYTES (or dtype-less) tensors, which always take the general path."""
+
+    spec: Any
+    info: Any
+    fast: bool
+    batching: bool
+    max_batch: int
+    inputs: dict[str, tuple[int, str, np.dtype[Any], tuple[int, ...], int]]
+    outputs: dict[str, _OutputPlan]
+    all_outputs: tuple[tuple[_OutputPlan, ...], list[str] | None]
+    selections: dict[tuple[str, ...], tuple[tuple[_OutputPlan, ...], list[str] | None]]
+
+    @classmethod
+    def build(cls, spec: Any, info: Any) -> _ModelPlan:
+        tensors = list(spec.inputs) + list(spec.outputs)
+        fast = all(t.datatype != "BYTES" and getattr(t, "dtype", None) is not None for t in tensors)
+        inputs: dict[str, tuple[int, str, np.dtype[Any], tuple[int, ...], int]] = {}
+        if fast:
+            for i, t in enumerate(spec.inputs):
+                dtype = np.dtype(t.dtype)
+                inputs[t.name] = (i, t.datatype, dtype, tuple(int(d) for d in t.dims), dtype.itemsize)
+        outputs = {t.name: _OutputPlan(t.name, t, None) for t in spec.outputs}
+        return cls(spec, info, fast, spec.max_batch_size > 0, spec.max_batch_size, inputs, outputs,
+                   (tuple(outputs.values()), None), {})
+
+
+def _fast_inputs(
+    plan: _ModelPlan, request: Any
+) -> tuple[list[np.ndarray], int, tuple[tuple[int, ...], ...]] | None:
+    """The request's inputs as arrays over its raw bytes, in model order, when the request is the common
+    kind and right in every respect; None otherwise (the general path then decodes it, or says what is
+    wrong with it)."""
+    tensors = request.inputs
+    raws = request.raw_input_contents
+    k = len(plan.inputs)
+    if len(tensors) != k or len(raws) != k:
+        return None
+    arrays: list[Any] = [None] * k
+    shapes: list[Any] = [None] * k
+    batch = -1
+    for t, raw in zip(tensors, raws):
+        entry = plan.inputs.get(t.name)
+        if entry is None:
+            return None
+        i, datatype, dtype, dims, itemsize = entry
+        if arrays[i] is not None or t.datatype != datatype or len(t.parameters) or t.HasField("contents"):
+            return None
+        shape = tuple(t.shape)
+        if plan.batching:
+            if len(shape) != len(dims) + 1:
+                return None
+            b = shape[0]
+            if b < 1 or b > plan.max_batch or (batch != -1 and b != batch):
+                return None
+            batch = b
+            sample = shape[1:]
+        else:
+            if len(shape) != len(dims):
+                return None
+            sample = shape
+        count = 1
+        for d, e in zip(sample, dims):
+            if d < 1 or (e != -1 and d != e):
+                return None
+            count *= d
+        if plan.batching:
+            count *= batch
+        if len(raw) != count * itemsize:
+            return None
+        arrays[i] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        shapes[i] = sample
+    return arrays, (batch if plan.batching else 1), tuple(shapes)
+
+
+def _fast_outputs(
+    plan: _ModelPlan, request: Any
+) -> tuple[tuple[_OutputPlan, ...], list[str] | None] | None:
+    """The outputs to return, when none goes to shared memory and all are known; None otherwise."""
+    if not len(request.outputs):
+        return plan.all_outputs
+    names: list[str] = []
+    for o in request.outputs:
+        if len(o.parameters):
+            return None
+        names.append(o.name)
+    key = tuple(names)
+    found = plan.selections.get(key)
+    if found is None:
+        if len(set(key)) != len(key) or any(n not in plan.outputs for n in key):
+            return None
+        found = (tuple(plan.outputs[n] for n in key), names)
+        if len(plan.selections) < _MAX_OUTPUT_SELECTIONS:
+            plan.selections[key] = found
+    return found
 
 
 def _index_field(entry: Any, index: int, attr: str) -> Any:
