@@ -401,8 +401,12 @@ class LaneView:
     def run(self, owner: int, arrays: Sequence[np.ndarray], n: int, timeout: float, model: str,
             wanted: Sequence[str] | None = None,
             check_alive: Callable[[], None] | None = None, queue_timeout: float = 0.0,
-            cancel: Cancellation | None = None) -> dict[str, np.ndarray]:
-        """One request, copying in and out. `cancel`: see Cancellation."""
+            cancel: Cancellation | None = None,
+            output_sink: Callable[[str, np.ndarray], Any] | None = None) -> dict[str, Any]:
+        """One request, copying in and out. `cancel`: see Cancellation. `output_sink(name, rows)` gets each
+        wanted non-BYTES output as a view of its rows, valid only during the call, and may take it
+        itself (copy it where it is needed: one copy instead of two) by returning what the result should
+        hold for it; None: the usual copy."""
         seq, row = self.claim(owner, n, timeout, model, queue_timeout)
         committed = False
         try:
@@ -429,11 +433,17 @@ class LaneView:
         if cancel is not None and cancel.drop():  # the rows were released under us: no result
             raise RequestCancelledError(f"model '{model}': the request was cancelled")
         k = self.layout.n_inputs
-        out: dict[str, np.ndarray] = {}
-        for t, v in zip(self.layout.tensors[k:], dst[k:]):
-            if wanted is None or t.name in wanted:
-                out[t.name] = bytes_codec.decode(v, v.shape[:-1]) if t.is_bytes else v.copy()
-        self.lane.release(seq, row, n, owner)
+        out: dict[str, Any] = {}
+        try:
+            for t, v in zip(self.layout.tensors[k:], dst[k:]):
+                if wanted is None or t.name in wanted:
+                    if t.is_bytes:
+                        out[t.name] = bytes_codec.decode(v, v.shape[:-1])
+                        continue
+                    taken = None if output_sink is None else output_sink(t.name, v)
+                    out[t.name] = v.copy() if taken is None else taken
+        finally:
+            self.lane.release(seq, row, n, owner)
         return out
 
 

@@ -715,11 +715,26 @@ class InferenceServicer:
             out_plan = self._plan_outputs(spec, request)
             timeout = _timeout(request, deadline_s)
             wanted = [o.name for o in out_plan] if len(request.outputs) else None
+            to_regions = {p.name: p for p in out_plan if p.shm is not None and p.spec.datatype != "BYTES"}
+            written: set[str] = set()
+
+            def into_region(out_name: str, rows: np.ndarray) -> np.ndarray | None:
+                # an output requested into a region is copied there from its rows: one copy, no bytes
+                p = to_regions.get(out_name)
+                if p is None or p.shm is None or rows.dtype != _numpy_dtype(p.spec, p.spec.datatype):
+                    return None
+                what = f"model '{spec.name}' output '{p.name}'"
+                dst = region(p.shm.region).write_array(what, p.shm.offset, rows, p.shm.byte_size)
+                written.add(out_name)
+                return dst
+
             results = self.dp.infer(name, inputs, outputs=wanted, timeout=timeout,
-                                    queue_timeout=_timeout(request, None), cancel=cancel)
+                                    queue_timeout=_timeout(request, None), cancel=cancel,
+                                    output_sink=into_region if to_regions else None)
             del inputs  # views of shared memory must not outlive the regions' references
             resp = into if into is not None else self.ModelInferResponse()
-            self._encode_outputs(spec, request, out_plan, results, region, resp)
+            self._encode_outputs(spec, request, out_plan, results, region, resp, written)
+            del results
             return resp
 
     def _model_plan(self, name: str, spec: Any, info: Any) -> _ModelPlan:
@@ -748,7 +763,8 @@ class InferenceServicer:
         else:
             timeout, queue_timeout = (None if deadline_s is None else max(0.0, deadline_s)), None
         results = self.dp.infer_checked(plan.spec.name, plan.info, arrays, n, shapes, outputs=wanted,
-                                        timeout=timeout, queue_timeout=queue_timeout, cancel=cancel)
+                                        timeout=timeout, queue_timeout=queue_timeout, cancel=cancel,
+                                        output_sink=_raw_output)
         resp = into if into is not None else self.ModelInferResponse()
         resp.model_name = plan.spec.name
         resp.model_version = request.model_version or "1"
@@ -756,9 +772,9 @@ class InferenceServicer:
         add = resp.outputs.add
         raw: list[bytes] = []
         for p in out_plan:
-            arr = results[p.name]
-            add(name=p.name, datatype=p.spec.datatype, shape=arr.shape)
-            raw.append(arr.tobytes())
+            data, shape = results[p.name]
+            add(name=p.name, datatype=p.spec.datatype, shape=shape)
+            raw.append(data)
         resp.raw_output_contents.extend(raw)
         return resp
 
@@ -904,7 +920,9 @@ class InferenceServicer:
         results: dict[str, np.ndarray],
         region: Callable[[str], SharedMemoryRegion],
         resp: Any,
+        written: set[str] = frozenset(),  # type: ignore[assignment]
     ) -> None:
+        """`written`: outputs already in their regions (copied there from the rows)."""
         resp.model_name = spec.name
         resp.model_version = request.model_version or "1"
         resp.id = request.id
@@ -926,7 +944,8 @@ class InferenceServicer:
                 data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
             resp.outputs.add(name=p.name, datatype=datatype, shape=[int(d) for d in arr.shape])
             if p.shm is not None:
-                region(p.shm.region).write(what, p.shm.offset, data, p.shm.byte_size)
+                if p.name not in written:
+                    region(p.shm.region).write(what, p.shm.offset, data, p.shm.byte_size)
                 if any_plain:
                     raw.append(b"")
             else:
@@ -972,6 +991,11 @@ class _ModelPlan:
         outputs = {t.name: _OutputPlan(t.name, t, None) for t in spec.outputs}
         return cls(spec, info, fast, spec.max_batch_size > 0, spec.max_batch_size, inputs, outputs,
                    (tuple(outputs.values()), None), {})
+
+
+def _raw_output(name: str, rows: np.ndarray) -> tuple[bytes, tuple[int, ...]]:
+    """The fast path's output sink: the response bytes straight from the rows (one copy)."""
+    return rows.tobytes(), rows.shape
 
 
 def _fast_inputs(

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -251,28 +251,31 @@ class DataPlane:
 
     def infer(self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
               timeout: float | None = None, queue_timeout: float | None = None,
-              cancel: Cancellation | None = None) -> dict[str, np.ndarray]:
+              cancel: Cancellation | None = None,
+              output_sink: Callable[[str, np.ndarray], Any] | None = None) -> dict[str, Any]:
         """`queue_timeout` (seconds): the request's own queue timeout, honoured when the model's queue
         policy allows overriding its default. `cancel`: the caller's cancel switch (a gRPC call's
         cancellation or deadline): a request cancelled while queued gives its place back and is never
-        run; RequestCancelledError."""
-        return self._infer(name, inputs, None, outputs, timeout, queue_timeout, cancel)
+        run; RequestCancelledError. `output_sink`: see LaneView.run."""
+        return self._infer(name, inputs, None, outputs, timeout, queue_timeout, cancel, output_sink)
 
     def infer_checked(self, name: str, info: ModelInfo, arrays: Sequence[np.ndarray], n: int,
                       shapes: tuple[tuple[int, ...], ...], outputs: Sequence[str] | None = None,
                       timeout: float | None = None, queue_timeout: float | None = None,
-                      cancel: Cancellation | None = None) -> dict[str, np.ndarray]:
+                      cancel: Cancellation | None = None,
+                      output_sink: Callable[[str, np.ndarray], Any] | None = None) -> dict[str, Any]:
         """`infer` for a front end that has already checked the request against `info` (the model's
         `model_info`): every input in model order, of its dtype, per-sample `shapes`, batch `n`, no
         BYTES tensors; `outputs` known. Skips the second validation (the gRPC fast path); if the model
         was reloaded since `info`, the request is validated again against the new one."""
         checked = (info, n, shapes, list(arrays))
-        return self._infer(name, None, checked, outputs, timeout, queue_timeout, cancel)
+        return self._infer(name, None, checked, outputs, timeout, queue_timeout, cancel, output_sink)
 
     def _infer(self, name: str, inputs: Mapping[str, np.ndarray] | None,
                checked: tuple[ModelInfo, int, tuple[tuple[int, ...], ...], list[np.ndarray]] | None,
                outputs: Sequence[str] | None, timeout: float | None, queue_timeout: float | None,
-               cancel: Cancellation | None) -> dict[str, np.ndarray]:
+               cancel: Cancellation | None,
+               output_sink: Callable[[str, np.ndarray], Any] | None = None) -> dict[str, Any]:
         for attempt in (0, 1):
             rt = self._runtime(name)
             info = rt.require_ready()
@@ -292,7 +295,7 @@ class DataPlane:
             try:
                 lane = rt.lane_for(shapes, caps)
                 return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None, qt,
-                                     cancel)
+                                     cancel, output_sink)
             except (_kpcore.LaneRetired, ModelNotReadyError) as e:
                 # evicted, or the model was reloaded meanwhile: the next lookup finds the new lane or model
                 replaced = self.models.get(name) is not rt
