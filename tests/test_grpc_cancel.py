@@ -7,6 +7,7 @@ import os
 import queue
 import shutil
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,7 +33,7 @@ def cancel_server(example_repo: str, tmp_path_factory: pytest.TempPathFactory) -
     repo = str(tmp_path_factory.mktemp("cancel_repo"))
     shutil.copytree(os.path.join(example_repo, "add_sub"), os.path.join(repo, "add_sub"))
     add_sub_variant(repo, MODEL, HELD)
-    srv = ServerProcess.with_ports(repo, str(tmp_path_factory.mktemp("cancel") / "kp.sock"), grpc=True)
+    srv = ServerProcess.with_ports(repo, str(tmp_path_factory.mktemp("cancel") / "kp.sock"), grpc=True, http=True)
     yield srv
     assert srv.stop() == 0, srv.log()
 
@@ -61,6 +62,17 @@ def _wait_until(what: str, cond: Callable[[], bool], timeout: float = 30.0) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.005)  # a poll interval, not a synchronisation: the condition is checked again
+
+
+def _metric(srv: ServerProcess, family: str, **labels: str) -> float:
+    """One sample of the server's Prometheus text (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.http_port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        if line.startswith(family + "{") and all(w in line for w in want):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def _stats(g: grpcclient.InferenceServerClient) -> Any:
@@ -121,6 +133,10 @@ def test_cancelled_queued_requests_are_never_run(cancel_server: ServerProcess) -
     assert st1.inference_count - st0.inference_count == 2
     assert st1.execution_count - st0.execution_count == 1
     assert st1.inference_stats.fail.count - st0.inference_stats.fail.count == 2
+    # and so do the metrics (Triton's failure reason CANCELED)
+    assert _metric(cancel_server, "kp_cancelled_requests_total", model=MODEL) == 2
+    assert _metric(cancel_server, "nv_inference_request_failure", model=MODEL, reason="CANCELED") == 2
+    assert _metric(cancel_server, "nv_inference_request_failure", model=MODEL, reason="BACKEND") == 0
     # the server still answers, on this model and another
     r = g.infer("add_sub", _inputs(6.0))
     np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), _expected(6.0)[0])

@@ -15,8 +15,8 @@ lanes), as Triton's do when a model is reloaded; Prometheus' `rate()` treats tha
 (the statistics block's failures less the requests that expired or were cancelled in the queue), REJECTED,
 requests refused because the model's queue was full (the doorbell's count) or that expired in the queue past
 their timeout (the lanes' count), and CANCELED, requests whose caller cancelled them (gRPC cancel or
-deadline) while they were queued (the lanes' count). Requests refused before they reach a lane (a malformed request, an unknown
-model) are the front ends' answers, not the model's failures, and are not counted here.
+deadline) while they were queued (the lanes' count). Requests refused before they reach a lane (a malformed
+request, an unknown model) are the front ends' answers, not the model's failures, and are not counted here.
 
 `nv_inference_pending_request_count` (requests claimed and not finished) is derived, per model, as
 claims - (successes + failures) - abandoned rows, read in that order (statistics first, so a request that

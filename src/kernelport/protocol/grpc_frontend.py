@@ -41,6 +41,7 @@ import queue
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -920,7 +921,7 @@ class InferenceServicer:
         results: dict[str, np.ndarray],
         region: Callable[[str], SharedMemoryRegion],
         resp: Any,
-        written: set[str] = frozenset(),  # type: ignore[assignment]
+        written: AbstractSet[str] = frozenset(),
     ) -> None:
         """`written`: outputs already in their regions (copied there from the rows)."""
         resp.model_name = spec.name
