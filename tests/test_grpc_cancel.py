@@ -28,11 +28,18 @@ HELD = ("dynamic_batching {\n  preferred_batch_size: [ 4 ]\n  max_queue_delay_mi
         "  default_queue_policy { max_queue_size: 64 }\n}\n")
 
 
+CHURN = "add_sub_churn"
+# a 2 ms window: batches form and run all the time while requests are cancelled around them
+CHURN_BATCHING = ("dynamic_batching {\n  max_queue_delay_microseconds: 2000\n"
+                  "  default_queue_policy { max_queue_size: 1000 }\n}\n")
+
+
 @pytest.fixture(scope="module")
 def cancel_server(example_repo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = str(tmp_path_factory.mktemp("cancel_repo"))
     shutil.copytree(os.path.join(example_repo, "add_sub"), os.path.join(repo, "add_sub"))
     add_sub_variant(repo, MODEL, HELD)
+    add_sub_variant(repo, CHURN, CHURN_BATCHING)
     srv = ServerProcess.with_ports(repo, str(tmp_path_factory.mktemp("cancel") / "kp.sock"), grpc=True, http=True)
     yield srv
     assert srv.stop() == 0, srv.log()
@@ -187,3 +194,48 @@ def test_cancelled_stream_releases_its_queued_requests(cancel_server: ServerProc
     assert st1.inference_stats.success.count - st0.inference_stats.success.count == 1
     assert st1.inference_count - st0.inference_count == 1
     assert responses.empty() or all(res is None for res, _ in list(responses.queue))
+
+
+def test_cancellations_racing_batches_leave_no_trace(cancel_server: ServerProcess) -> None:
+    """Requests cancelled at every stage (queued, taken, running, done) while batches run: every answer
+    that arrives is right, the queue drains to zero, and the lane keeps serving."""
+    url = f"127.0.0.1:{cancel_server.grpc_port}"
+    g = grpcclient.InferenceServerClient(url)
+    rng = np.random.default_rng(7)
+    results = _Results()
+    total = 300
+    calls = []
+    for i in range(total):
+        v = float(i)
+        calls.append(g.async_infer(CHURN, _inputs(v), callback=results.callback(v)))
+        if rng.random() < 0.5:  # cancel an earlier request, at whatever stage it has reached
+            calls[int(rng.integers(0, len(calls)))].cancel()
+    got = results.take(total)
+    answered = [v for v, (res, err) in got.items() if err is None]
+    for v, (res, err) in got.items():
+        if err is None:
+            out0, out1 = _expected(v)
+            np.testing.assert_array_equal(res.as_numpy("OUTPUT0"), out0)
+            np.testing.assert_array_equal(res.as_numpy("OUTPUT1"), out1)
+        else:
+            assert "CANCELLED" in str(err.status()), err
+    assert answered, "no request got through"
+    with Client(cancel_server.socket_path) as c:
+        _wait_until("the queue to drain", lambda: c.counters(CHURN)["queued"] == 0)
+        # the lane still serves, batch after batch
+        for v in (1000.0, 1001.0, 1002.0):
+            r = g.infer(CHURN, _inputs(v))
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), _expected(v)[0])
+        ctr = c.counters(CHURN)
+    stats = _stats_of(g, CHURN)
+    # every request the server ran for a caller who got its answer is a success; cancelled ones are
+    # failures, successes nobody received (cancelled after their batch was taken), or nothing at all
+    # (cancelled before the server queued them)
+    success, fail = stats.inference_stats.success.count, stats.inference_stats.fail.count
+    assert success >= len(answered) + 3
+    assert success + fail <= total + 3
+    assert ctr["cancelled_requests"] == fail  # no request expired or failed otherwise
+
+
+def _stats_of(g: grpcclient.InferenceServerClient, model: str) -> Any:
+    return g.get_inference_statistics(model).model_stats[0]
