@@ -41,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ROW_EMPTY, ROW_CLAIMED, ROW_COMMITTED, ROW_ABANDONED, ROW_RELEASED = range(5)
+ROW_CANCELLED = 6  # released before its batch was taken (ROW_EXPIRED = 5 is not modelled)
 SLOT_OPEN, SLOT_TAKEN, SLOT_DONE = range(3)
 LANE_LIVE, LANE_RETIRED, LANE_DEAD = range(3)
 DONE_UNIT = 0x80000000
@@ -51,7 +52,7 @@ CONTROL = 2  # next_batch: the server rang for a control message
 
 COUNTERS = (
     "claims", "batches", "rows", "client_sleeps", "worker_sleeps", "commit_timeouts", "full_waits",
-    "abandoned_rows", "failed_batches", "expired_requests",
+    "abandoned_rows", "failed_batches", "expired_requests", "cancelled_requests",
 )
 
 
@@ -305,6 +306,9 @@ class LaneModel:
             if n == 0 or n > c - r:
                 n = 1
             live += st == ROW_COMMITTED
+            if st == ROW_RELEASED:  # released before the take: cancelled, the batch runs without it
+                s.words[r] = (_owner, ROW_CANCELLED)
+                self.counters["cancelled_requests"] += 1
             r += n
         return live
 

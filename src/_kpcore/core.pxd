@@ -32,6 +32,7 @@ cdef extern from "kp_lane.h" nogil:
         uint64_t abandoned_rows
         uint64_t failed_batches
         uint64_t expired_requests
+        uint64_t cancelled_requests
 
     ctypedef struct kp_lane_hdr:
         uint64_t magic

@@ -476,7 +476,7 @@ cdef class Lane:
             "client_sleeps": c.client_sleeps, "worker_sleeps": c.worker_sleeps,
             "commit_timeouts": c.commit_timeouts, "full_waits": c.full_waits,
             "abandoned_rows": c.abandoned_rows, "failed_batches": c.failed_batches,
-            "expired_requests": c.expired_requests,
+            "expired_requests": c.expired_requests, "cancelled_requests": c.cancelled_requests,
         }
 
     # ---- worker side ----

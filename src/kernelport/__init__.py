@@ -14,6 +14,7 @@ from kernelport.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
     QueueFullError,
+    RequestCancelledError,
     ServerUnavailableError,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelNotReadyError",
     "QueueFullError",
+    "RequestCancelledError",
     "ServerUnavailableError",
     "__version__",
 ]

@@ -39,6 +39,12 @@ class InferTimeoutError(KernelPortError):
     grpc_code = "DEADLINE_EXCEEDED"
 
 
+class RequestCancelledError(KernelPortError):
+    """The request was cancelled by its caller (a gRPC cancel or deadline) and was not run."""
+
+    grpc_code = "CANCELLED"
+
+
 class QueueFullError(KernelPortError):
     grpc_code = "RESOURCE_EXHAUSTED"
 

@@ -55,7 +55,8 @@ enum {
     KP_ROW_COMMITTED = 2,
     KP_ROW_ABANDONED = 3,
     KP_ROW_RELEASED = 4,
-    KP_ROW_EXPIRED = 5 /* past its queue deadline when its batch was taken: its result is never delivered */
+    KP_ROW_EXPIRED = 5, /* past its queue deadline when its batch was taken: its result is never delivered */
+    KP_ROW_CANCELLED = 6 /* released (cancelled) before its batch was taken: not run, not counted as executed */
 };
 enum { KP_SLOT_OPEN = 0, KP_SLOT_TAKEN = 1, KP_SLOT_DONE = 2 };
 enum { KP_LANE_LIVE = 0, KP_LANE_RETIRED = 1, KP_LANE_DEAD = 2 };
@@ -71,6 +72,7 @@ typedef struct {
     kp_a64 abandoned_rows;
     kp_a64 failed_batches;
     kp_a64 expired_requests;
+    kp_a64 cancelled_requests; /* released before their batch was taken (see KP_ROW_CANCELLED) */
 } kp_counters;
 
 typedef struct {
@@ -781,6 +783,11 @@ static inline uint32_t kp_await_commits(kp_lane_hdr *h, kp_doorbell *d, uint64_t
                 atomic_fetch_add_explicit(&h->counters.expired_requests, 1, KP_RELAXED);
             } else if (st == KP_ROW_COMMITTED) {
                 live++;
+            } else if (atomic_compare_exchange_strong_explicit(&rows[r], &w, kp_row_with_state(w, KP_ROW_CANCELLED),
+                                                               KP_ACQ_REL, KP_ACQUIRE)) {
+                /* released before the take (its client cancelled): it has no result to wait for, so the
+                 * batch runs without it (not live) and the statistics do not count it as executed */
+                atomic_fetch_add_explicit(&h->counters.cancelled_requests, 1, KP_RELAXED);
             }
         }
         r += n;
@@ -907,10 +914,14 @@ static inline void kp_stats_record(kp_stats *st, kp_lane_hdr *h, kp_slot_hdr *s,
             nsamples += n;
             queue += s->taken_ns > t ? s->taken_ns - t : 0;
             total += done_ns - t;
-        } else if (stt == KP_ROW_EXPIRED) {
-            nexpired++;
+        } else if (stt == KP_ROW_EXPIRED || stt == KP_ROW_CANCELLED) {
+            nexpired++; /* never run: a failure to its client, like Triton's rejected and cancelled requests */
         }
         r += n;
+    }
+    if (nreq == 0) { /* every request expired or was cancelled: the batch was not run */
+        if (nexpired) atomic_fetch_add_explicit(&st->fail_count, nexpired, KP_RELAXED);
+        return;
     }
     atomic_fetch_add_explicit(&st->execution_count, 1, KP_RELAXED);
     if (c <= st->max_batch) {

@@ -7,6 +7,7 @@ runs one request on a mapped lane: claim rows, write inputs, commit, wait, read 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from kernelport.errors import (
     InvalidInputError,
     ModelNotReadyError,
     QueueFullError,
+    RequestCancelledError,
 )
 from kernelport.repository.dtypes import datatype_to_numpy
 
@@ -303,6 +305,60 @@ def check_aliases(tensors: Sequence[TensorInfo], n_inputs: int, aliases: Sequenc
             raise ValueError(f"lane layout: tensor '{t.name}' cannot share the rows of tensor {a}")
 
 
+class Cancellation:
+    """A request's cancel switch, thrown from any thread (a gRPC callback when the call is cancelled or
+    its deadline passes) while `LaneView.run` holds the request.
+
+    Once the inputs are written, `cancel()` releases the request's rows at once: a request released
+    before its batch is taken gives its queue place back and is never run (the take marks it
+    CANCELLED); one released later has its result discarded. The running thread stops waiting
+    within a wait slice (1 s) and raises RequestCancelledError. Never blocks: gRPC runs callbacks on
+    its polling thread."""
+
+    __slots__ = ("_lock", "_cancelled", "_held")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._held: tuple[Any, int, int, int, int] | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            held, self._held = self._held, None
+        if held is not None:
+            lane, seq, row, n, owner = held
+            try:
+                lane.release(seq, row, n, owner)
+            except _kpcore.LaneError:  # the worker gave the rows up already (abandoned, slot reused)
+                pass
+
+    def hold(self, lane: Any, seq: int, row: int, n: int, owner: int) -> bool:
+        """The rows are written (nothing more will be written into them): from now on a cancel
+        releases them. False when the request was cancelled already (the caller releases them)."""
+        with self._lock:
+            if self._cancelled:
+                return False
+            self._held = (lane, seq, row, n, owner)
+            return True
+
+    def drop(self) -> bool:
+        """The wait is over. True when a cancel took the rows: the caller must not touch them."""
+        with self._lock:
+            self._held = None
+            return self._cancelled
+
+    def check(self) -> None:
+        if self._cancelled:
+            raise RequestCancelledError("the request was cancelled")
+
+
 @dataclass
 class LaneView:
     """A mapped lane plus numpy views of every slot's rows."""
@@ -403,8 +459,13 @@ class LaneView:
 
     def run(self, owner: int, arrays: Sequence[np.ndarray], n: int, timeout: float, model: str,
             wanted: Sequence[str] | None = None,
-            check_alive: Callable[[], None] | None = None, queue_timeout: float = 0.0) -> dict[str, np.ndarray]:
-        """One request, copying in and out."""
+            check_alive: Callable[[], None] | None = None, queue_timeout: float = 0.0,
+            cancel: Cancellation | None = None,
+            output_sink: Callable[[str, np.ndarray], Any] | None = None) -> dict[str, Any]:
+        """One request, copying in and out. `cancel`: see Cancellation. `output_sink(name, rows)` gets each
+        wanted non-BYTES output as a view of its rows, valid only during the call, and may take it
+        itself (copy it where it is needed: one copy instead of two) by returning what the result should
+        hold for it; None: the usual copy."""
         seq, row = self.claim(owner, n, timeout, model, queue_timeout)
         committed = False
         try:
@@ -414,19 +475,46 @@ class LaneView:
                     bytes_codec.encode_into(dst[i], a)
                 else:
                     np.copyto(dst[i], a, casting="no")
+            if cancel is not None:
+                if not cancel.hold(self.lane, seq, row, n, owner):
+                    raise RequestCancelledError(f"model '{model}': the request was cancelled")
+                check_alive = _both(check_alive, cancel.check)
             committed = True
             self.wait(seq, row, n, owner, timeout, model, check_alive, commit=True)
         except BaseException:
+            if cancel is not None and cancel.drop():
+                if not committed:
+                    self._release_quietly(seq, row, n, owner)
+                raise RequestCancelledError(f"model '{model}': the request was cancelled") from None
             if not committed:
                 self._release_quietly(seq, row, n, owner)
             raise
+        if cancel is not None and cancel.drop():  # the rows were released under us: no result
+            raise RequestCancelledError(f"model '{model}': the request was cancelled")
         k = self.layout.n_inputs
-        out: dict[str, np.ndarray] = {}
-        for t, v in zip(self.layout.tensors[k:], dst[k:]):
-            if wanted is None or t.name in wanted:
-                out[t.name] = bytes_codec.decode(v, v.shape[:-1]) if t.is_bytes else v.copy()
-        self.lane.release(seq, row, n, owner)
+        out: dict[str, Any] = {}
+        try:
+            for t, v in zip(self.layout.tensors[k:], dst[k:]):
+                if wanted is None or t.name in wanted:
+                    if t.is_bytes:
+                        out[t.name] = bytes_codec.decode(v, v.shape[:-1])
+                        continue
+                    taken = None if output_sink is None else output_sink(t.name, v)
+                    out[t.name] = v.copy() if taken is None else taken
+        finally:
+            self.lane.release(seq, row, n, owner)
         return out
+
+
+def _both(first: Callable[[], None] | None, second: Callable[[], None]) -> Callable[[], None]:
+    if first is None:
+        return second
+
+    def check() -> None:
+        first()
+        second()
+
+    return check
 
 
 def lane_key(shapes: tuple[tuple[int, ...], ...], capacities: tuple[int, ...] = (), prefix: str = "") -> str:

@@ -11,11 +11,12 @@ Sources, all read here in the server process:
 Counters restart from zero when a model's workers are (re)started (a new statistics block, doorbell and
 lanes), as Triton's do when a model is reloaded; Prometheus' `rate()` treats that as a counter reset.
 
-`nv_inference_request_failure` has two reasons: BACKEND, the requests of batches whose backend run failed
-(the statistics block's failures less the requests that expired in the queue), and REJECTED, requests
-refused because the model's queue was full (the doorbell's count) or that expired in the queue past their
-timeout (the lanes' count). Requests refused before they reach a lane (a malformed request, an unknown
-model) are the front ends' answers, not the model's failures, and are not counted here.
+`nv_inference_request_failure` has three reasons: BACKEND, the requests of batches whose backend run failed
+(the statistics block's failures less the requests that expired or were cancelled in the queue), REJECTED,
+requests refused because the model's queue was full (the doorbell's count) or that expired in the queue past
+their timeout (the lanes' count), and CANCELED, requests whose caller cancelled them (gRPC cancel or
+deadline) while they were queued (the lanes' count). Requests refused before they reach a lane (a malformed
+request, an unknown model) are the front ends' answers, not the model's failures, and are not counted here.
 
 `nv_inference_pending_request_count` (requests claimed and not finished) is derived, per model, as
 claims - (successes + failures) - abandoned rows, read in that order (statistics first, so a request that
@@ -78,6 +79,8 @@ _LANE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("kp_failed_batches_total", "Batches whose backend run failed", "failed_batches"),
     ("kp_expired_requests_total", "Requests that waited in the queue past their timeout and were not run",
      "expired_requests"),
+    ("kp_cancelled_requests_total",
+     "Requests cancelled (gRPC cancel or deadline) while queued, and not run", "cancelled_requests"),
 )
 
 
@@ -220,11 +223,13 @@ class Collector:
         lane = rt.counters()
         # the statistics block counts expired requests as failures; the doorbell counts the claims it refused
         expired = int(lane.get("expired_requests", 0))
+        cancelled = int(lane.get("cancelled_requests", 0))
         rejected = int(getattr(rt.doorbell, "rejected", 0) or 0)
         fam.success.add(int(snap["success_count"]), labels)
-        backend = self._monotonic((name, id(stats)), int(snap["fail_count"]) - expired)
+        backend = self._monotonic((name, id(stats)), int(snap["fail_count"]) - expired - cancelled)
         fam.failure.add(backend, {**labels, "reason": "BACKEND"})
         fam.failure.add(expired + rejected, {**labels, "reason": "REJECTED"})
+        fam.failure.add(cancelled, {**labels, "reason": "CANCELED"})
         for family, key in fam.nv:
             value = 0 if key is None else int(snap[key])
             family.add(value // _NS_PER_US if key is not None and key.endswith("_ns") else value, labels)

@@ -47,6 +47,7 @@ import queue
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -56,6 +57,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
+from kernelport.client.lanes import Cancellation
 from kernelport.errors import InvalidInputError, KernelPortError, ModelNotFoundError
 from kernelport.gpu.cuda_shm import CudaSharedMemoryRegistry
 from kernelport.protocol import message_class
@@ -157,6 +159,14 @@ def _status_code(err: KernelPortError) -> grpc.StatusCode:
 
 def _abort(context: grpc.ServicerContext, err: KernelPortError) -> None:
     context.abort(_status_code(err), str(err) or type(err).__name__)
+
+
+def _schedule_policy(request: Any, tenant: str | None, model: str) -> tuple[int, str]:
+    """The request's priority parameter and its tenant (the header's, else the "tenant" parameter)."""
+    priority = _param_uint(request.parameters, "priority", f"model '{model}'") or 0
+    if tenant is None and "tenant" in request.parameters:
+        tenant = _param_value(request.parameters["tenant"])
+    return priority, check_tenant(tenant, model)
 
 
 def _tenant_header(context: grpc.ServicerContext) -> str | None:
@@ -282,6 +292,7 @@ class InferenceServicer:
             max_workers=stream_workers, thread_name_prefix="kp-grpc-stream"
         )
         self._watches = threading.BoundedSemaphore(_MAX_WATCHES)
+        self._plans: dict[str, _ModelPlan] = {}  # per model, rebuilt when its spec changes (reload)
         self._closed = threading.Event()
         m = message_class
         self.ModelInferResponse = m("inference.ModelInferResponse")
@@ -594,21 +605,44 @@ class InferenceServicer:
     # -- inference -----------------------------------------------------------------------------------
 
     def model_infer(self, request: Any, context: grpc.ServicerContext) -> Message:
-        return self.infer(request, context.time_remaining(), tenant=_tenant_header(context))
+        # A call cancelled by its client, or whose deadline passes, releases its request at once
+        # (gRPC runs the callback on cancellation and deadline; on a normal end it finds nothing held).
+        cancel = Cancellation()
+        if not context.add_callback(cancel.cancel):
+            cancel.cancel()  # the call has already ended
+        return self.infer(request, context.time_remaining(), cancel=cancel, tenant=_tenant_header(context))
 
     def model_stream_infer(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[Message]:
         results: queue.Queue[Any] = queue.Queue()
         stop = object()
-        context.add_callback(lambda: results.put(stop))
+        in_flight: set[Cancellation] = set()
+        in_flight_lock = threading.Lock()
+        ended = False
+
+        def on_end() -> None:  # the stream was cancelled, timed out or finished
+            nonlocal ended
+            with in_flight_lock:
+                ended = True
+                pending = list(in_flight)
+            for c in pending:
+                c.cancel()
+            results.put(stop)
+
+        context.add_callback(on_end)
         window = threading.BoundedSemaphore(_STREAM_WINDOW)
         tenant = _tenant_header(context)
 
         def run_one(request: Any) -> None:
             resp = self.ModelStreamInferResponse()
+            cancel = Cancellation()
+            with in_flight_lock:
+                if ended:
+                    cancel.cancel()
+                in_flight.add(cancel)
             try:
-                self.infer(request, context.time_remaining(), into=resp.infer_response, tenant=tenant)
+                self.infer(request, context.time_remaining(), into=resp.infer_response, cancel=cancel, tenant=tenant)
             except KernelPortError as err:
                 resp.Clear()
                 resp.error_message = str(err) or type(err).__name__
@@ -620,6 +654,9 @@ class InferenceServicer:
                 resp.Clear()
                 resp.error_message = "internal error in ModelStreamInfer; see the server log"
                 resp.infer_response.id = request.id
+            finally:
+                with in_flight_lock:
+                    in_flight.discard(cancel)
             results.put(resp)
 
         def read_requests() -> None:
@@ -651,18 +688,25 @@ class InferenceServicer:
             yield item
 
     def infer(self, request: Any, deadline_s: float | None = None, into: Message | None = None,
-              tenant: str | None = None) -> Message:
+              cancel: Cancellation | None = None, tenant: str | None = None) -> Message:
         """Run one ModelInferRequest through the data plane; raises KernelPortError subclasses.
 
         The response is built in `into` when given (a ModelInferResponse inside a stream response, so the
-        output bytes are not copied twice), else in a new message.
+        output bytes are not copied twice), else in a new message. `cancel` is the call's cancel switch.
         """
         name = request.model_name
         if not name:
             raise InvalidInputError("model_name is required")
         spec = self.dp.model_spec(name)
-        if request.model_version and request.model_version not in self.dp.model_info(name).versions:
+        info = self.dp.model_info(name)
+        if request.model_version and request.model_version not in info.versions:
             raise ModelNotFoundError(f"model '{name}' has no version '{request.model_version}'")
+        plan = self._model_plan(name, spec, info)
+        if plan.fast:
+            checked = _fast_inputs(plan, request)
+            outs = _fast_outputs(plan, request) if checked is not None else None
+            if checked is not None and outs is not None:
+                return self._fast_infer(plan, request, checked, outs, deadline_s, into, cancel, tenant)
         with contextlib.ExitStack() as stack:
             regions: dict[str, SharedMemoryRegion] = {}
 
@@ -678,17 +722,74 @@ class InferenceServicer:
             out_plan = self._plan_outputs(spec, request)
             timeout = _timeout(request, deadline_s)
             wanted = [o.name for o in out_plan] if len(request.outputs) else None
-            what = f"model '{name}'"
-            priority = _param_uint(request.parameters, "priority", what) or 0
-            if tenant is None and "tenant" in request.parameters:
-                tenant = _param_value(request.parameters["tenant"])
+            priority, tenant = _schedule_policy(request, tenant, name)
+            to_regions = {p.name: p for p in out_plan if p.shm is not None and p.spec.datatype != "BYTES"}
+            written: set[str] = set()
+
+            def into_region(out_name: str, rows: np.ndarray) -> np.ndarray | None:
+                # an output requested into a region is copied there from its rows: one copy, no bytes
+                p = to_regions.get(out_name)
+                if p is None or p.shm is None or rows.dtype != _numpy_dtype(p.spec, p.spec.datatype):
+                    return None
+                what = f"model '{spec.name}' output '{p.name}'"
+                dst = region(p.shm.region).write_array(what, p.shm.offset, rows, p.shm.byte_size)
+                written.add(out_name)
+                return dst
+
             results = self.dp.infer(name, inputs, outputs=wanted, timeout=timeout,
-                                    queue_timeout=_timeout(request, None), priority=priority,
-                                    tenant=check_tenant(tenant, name))
+                                    queue_timeout=_timeout(request, None), cancel=cancel,
+                                    output_sink=into_region if to_regions else None, priority=priority,
+                                    tenant=tenant)
             del inputs  # views of shared memory must not outlive the regions' references
             resp = into if into is not None else self.ModelInferResponse()
-            self._encode_outputs(spec, request, out_plan, results, region, resp)
+            self._encode_outputs(spec, request, out_plan, results, region, resp, written)
+            del results
             return resp
+
+    def _model_plan(self, name: str, spec: Any, info: Any) -> _ModelPlan:
+        plan = self._plans.get(name)
+        if plan is None or plan.spec is not spec or plan.info is not info:  # first use, or reloaded
+            plan = _ModelPlan.build(spec, info)
+            self._plans[name] = plan
+        return plan
+
+    def _fast_infer(
+        self,
+        plan: _ModelPlan,
+        request: Any,
+        checked: tuple[list[np.ndarray], int, tuple[tuple[int, ...], ...]],
+        outs: tuple[tuple[_OutputPlan, ...], list[str] | None],
+        deadline_s: float | None,
+        into: Message | None,
+        cancel: Cancellation | None,
+        tenant: str | None,
+    ) -> Message:
+        """The common request, checked once against the cached plan: raw tensors in the message, no
+        shared memory, no BYTES. The data plane does not validate it a second time."""
+        arrays, n, shapes = checked
+        out_plan, wanted = outs
+        priority = 0
+        if len(request.parameters):
+            timeout, queue_timeout = _timeout(request, deadline_s), _timeout(request, None)
+            priority, tenant = _schedule_policy(request, tenant, plan.spec.name)
+        else:
+            timeout, queue_timeout = (None if deadline_s is None else max(0.0, deadline_s)), None
+            tenant = check_tenant(tenant, plan.spec.name)
+        results = self.dp.infer_checked(plan.spec.name, plan.info, arrays, n, shapes, outputs=wanted,
+                                        timeout=timeout, queue_timeout=queue_timeout, cancel=cancel,
+                                        output_sink=_raw_output, priority=priority, tenant=tenant)
+        resp = into if into is not None else self.ModelInferResponse()
+        resp.model_name = plan.spec.name
+        resp.model_version = request.model_version or "1"
+        resp.id = request.id
+        add = resp.outputs.add
+        raw: list[bytes] = []
+        for p in out_plan:
+            data, shape = results[p.name]
+            add(name=p.name, datatype=p.spec.datatype, shape=shape)
+            raw.append(data)
+        resp.raw_output_contents.extend(raw)
+        return resp
 
     def _decode_inputs(
         self, spec: Any, request: Any, region: Callable[[str], SharedMemoryRegion]
@@ -832,7 +933,9 @@ class InferenceServicer:
         results: dict[str, np.ndarray],
         region: Callable[[str], SharedMemoryRegion],
         resp: Any,
+        written: AbstractSet[str] = frozenset(),
     ) -> None:
+        """`written`: outputs already in their regions (copied there from the rows)."""
         resp.model_name = spec.name
         resp.model_version = request.model_version or "1"
         resp.id = request.id
@@ -854,7 +957,8 @@ class InferenceServicer:
                 data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data
             resp.outputs.add(name=p.name, datatype=datatype, shape=[int(d) for d in arr.shape])
             if p.shm is not None:
-                region(p.shm.region).write(what, p.shm.offset, data, p.shm.byte_size)
+                if p.name not in written:
+                    region(p.shm.region).write(what, p.shm.offset, data, p.shm.byte_size)
                 if any_plain:
                     raw.append(b"")
             else:
@@ -867,6 +971,114 @@ class _OutputPlan:
     name: str
     spec: Any
     shm: _ShmRef | None
+
+
+_MAX_OUTPUT_SELECTIONS = 64  # distinct requested-output lists remembered per model
+
+
+@dataclass
+class _ModelPlan:
+    """What the fast path needs of one model, made once per loaded spec: where each input goes, its
+    datatype, dtype, dims and item size; the default output list. `fast` is False for models with
+    BYTES (or dtype-less) tensors, which always take the general path."""
+
+    spec: Any
+    info: Any
+    fast: bool
+    batching: bool
+    max_batch: int
+    inputs: dict[str, tuple[int, str, np.dtype[Any], tuple[int, ...], int]]
+    outputs: dict[str, _OutputPlan]
+    all_outputs: tuple[tuple[_OutputPlan, ...], list[str] | None]
+    selections: dict[tuple[str, ...], tuple[tuple[_OutputPlan, ...], list[str] | None]]
+
+    @classmethod
+    def build(cls, spec: Any, info: Any) -> _ModelPlan:
+        tensors = list(spec.inputs) + list(spec.outputs)
+        fast = all(t.datatype != "BYTES" and getattr(t, "dtype", None) is not None for t in tensors)
+        inputs: dict[str, tuple[int, str, np.dtype[Any], tuple[int, ...], int]] = {}
+        if fast:
+            for i, t in enumerate(spec.inputs):
+                dtype = np.dtype(t.dtype)
+                inputs[t.name] = (i, t.datatype, dtype, tuple(int(d) for d in t.dims), dtype.itemsize)
+        outputs = {t.name: _OutputPlan(t.name, t, None) for t in spec.outputs}
+        return cls(spec, info, fast, spec.max_batch_size > 0, spec.max_batch_size, inputs, outputs,
+                   (tuple(outputs.values()), None), {})
+
+
+def _raw_output(name: str, rows: np.ndarray) -> tuple[bytes, tuple[int, ...]]:
+    """The fast path's output sink: the response bytes straight from the rows (one copy)."""
+    return rows.tobytes(), rows.shape
+
+
+def _fast_inputs(
+    plan: _ModelPlan, request: Any
+) -> tuple[list[np.ndarray], int, tuple[tuple[int, ...], ...]] | None:
+    """The request's inputs as arrays over its raw bytes, in model order, when the request is the common
+    kind and right in every respect; None otherwise (the general path then decodes it, or says what is
+    wrong with it)."""
+    tensors = request.inputs
+    raws = request.raw_input_contents
+    k = len(plan.inputs)
+    if len(tensors) != k or len(raws) != k:
+        return None
+    arrays: list[Any] = [None] * k
+    shapes: list[Any] = [None] * k
+    batch = -1
+    for t, raw in zip(tensors, raws):
+        entry = plan.inputs.get(t.name)
+        if entry is None:
+            return None
+        i, datatype, dtype, dims, itemsize = entry
+        if arrays[i] is not None or t.datatype != datatype or len(t.parameters) or t.HasField("contents"):
+            return None
+        shape = tuple(t.shape)
+        if plan.batching:
+            if len(shape) != len(dims) + 1:
+                return None
+            b = shape[0]
+            if b < 1 or b > plan.max_batch or (batch != -1 and b != batch):
+                return None
+            batch = b
+            sample = shape[1:]
+        else:
+            if len(shape) != len(dims):
+                return None
+            sample = shape
+        count = 1
+        for d, e in zip(sample, dims):
+            if d < 1 or (e != -1 and d != e):
+                return None
+            count *= d
+        if plan.batching:
+            count *= batch
+        if len(raw) != count * itemsize:
+            return None
+        arrays[i] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        shapes[i] = sample
+    return arrays, (batch if plan.batching else 1), tuple(shapes)
+
+
+def _fast_outputs(
+    plan: _ModelPlan, request: Any
+) -> tuple[tuple[_OutputPlan, ...], list[str] | None] | None:
+    """The outputs to return, when none goes to shared memory and all are known; None otherwise."""
+    if not len(request.outputs):
+        return plan.all_outputs
+    names: list[str] = []
+    for o in request.outputs:
+        if len(o.parameters):
+            return None
+        names.append(o.name)
+    key = tuple(names)
+    found = plan.selections.get(key)
+    if found is None:
+        if len(set(key)) != len(key) or any(n not in plan.outputs for n in key):
+            return None
+        found = (tuple(plan.outputs[n] for n in key), names)
+        if len(plan.selections) < _MAX_OUTPUT_SELECTIONS:
+            plan.selections[key] = found
+    return found
 
 
 def _index_field(entry: Any, index: int, attr: str) -> Any:

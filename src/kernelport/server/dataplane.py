@@ -10,13 +10,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 import _kpcore
-from kernelport.client.lanes import SERVER_OWNER, ModelInfo, check_outputs, validate_inputs
+from kernelport.client.lanes import SERVER_OWNER, Cancellation, ModelInfo, check_outputs, validate_inputs
 from kernelport.errors import KernelPortError, ModelNotFoundError, ModelNotReadyError, ServerUnavailableError
 from kernelport.repository import ModelSpec, load_model, load_repository, validate_model_name
 from kernelport.server.models import READY, UNAVAILABLE, ModelRuntime, ServerOptions, scrub_paths
@@ -242,7 +242,12 @@ class DataPlane:
         return snapshot_from_counters(name, version, rt.stats.snapshot())
 
     def counters(self, name: str) -> dict[str, int]:
-        return self._runtime(name).counters()
+        """The lane counters summed over the model's lanes, and `queued`: requests claimed and not yet
+        taken (kept only when the model has a max_queue_size)."""
+        rt = self._runtime(name)
+        out = rt.counters()
+        out["queued"] = int(rt.doorbell.queued) if rt.doorbell is not None else 0
+        return out
 
     def tenant_counters(self, name: str) -> dict[str, dict[str, int]]:
         return self._runtime(name).tenant_counters()
@@ -250,23 +255,58 @@ class DataPlane:
     # ---- inference ----
 
     def infer(self, name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
-              timeout: float | None = None, queue_timeout: float | None = None, priority: int = 0,
-              tenant: str = "") -> dict[str, np.ndarray]:
+              timeout: float | None = None, queue_timeout: float | None = None,
+              cancel: Cancellation | None = None,
+              output_sink: Callable[[str, np.ndarray], Any] | None = None, priority: int = 0,
+              tenant: str = "") -> dict[str, Any]:
         """`queue_timeout` (seconds): the request's own queue timeout, honoured when the model's queue
-        policy allows overriding its default. `priority` (0: the model's default level) and `tenant`
-        choose the request's scheduling class (see kernelport.server.scheduling)."""
+        policy allows overriding its default. `cancel`: the caller's cancel switch (a gRPC call's
+        cancellation or deadline): a request cancelled while queued gives its place back and is never
+        run; RequestCancelledError. `output_sink`: see LaneView.run. `priority` (0: the model's default
+        level) and `tenant` choose the request's scheduling class (see kernelport.server.scheduling)."""
+        return self._infer(name, inputs, None, outputs, timeout, queue_timeout, cancel, output_sink, priority,
+                           tenant)
+
+    def infer_checked(self, name: str, info: ModelInfo, arrays: Sequence[np.ndarray], n: int,
+                      shapes: tuple[tuple[int, ...], ...], outputs: Sequence[str] | None = None,
+                      timeout: float | None = None, queue_timeout: float | None = None,
+                      cancel: Cancellation | None = None,
+                      output_sink: Callable[[str, np.ndarray], Any] | None = None, priority: int = 0,
+                      tenant: str = "") -> dict[str, Any]:
+        """`infer` for a front end that has already checked the request against `info` (the model's
+        `model_info`): every input in model order, of its dtype, per-sample `shapes`, batch `n`, no
+        BYTES tensors; `outputs` known. Skips the second validation (the gRPC fast path); if the model
+        was reloaded since `info`, the request is validated again against the new one."""
+        checked = (info, n, shapes, list(arrays))
+        return self._infer(name, None, checked, outputs, timeout, queue_timeout, cancel, output_sink, priority,
+                           tenant)
+
+    def _infer(self, name: str, inputs: Mapping[str, np.ndarray] | None,
+               checked: tuple[ModelInfo, int, tuple[tuple[int, ...], ...], list[np.ndarray]] | None,
+               outputs: Sequence[str] | None, timeout: float | None, queue_timeout: float | None,
+               cancel: Cancellation | None,
+               output_sink: Callable[[str, np.ndarray], Any] | None = None, priority: int = 0,
+               tenant: str = "") -> dict[str, Any]:
         for attempt in (0, 1):
             rt = self._runtime(name)
             info = rt.require_ready()
-            n, shapes, arrays, caps = validate_inputs(info, inputs)
-            if outputs is not None:
-                check_outputs(info, outputs)
+            if checked is not None and checked[0] is info:
+                _, n, shapes, arrays = checked
+                caps: tuple[int, ...] = ()
+            else:
+                if inputs is None:  # checked against a model that has been replaced since
+                    assert checked is not None
+                    inputs = {t.name: a for t, a in zip(checked[0].inputs, checked[3])}
+                n, shapes, arrays, caps = validate_inputs(info, inputs)
+                if outputs is not None:
+                    check_outputs(info, outputs)
             qt = info.queue_timeout(queue_timeout, info.level(priority))
             if timeout:  # a request whose caller stops waiting (gRPC deadline) is not run after that
                 qt = min(qt, timeout) if qt else timeout
             try:
                 lane = rt.lane_for(shapes, caps, priority, tenant)
-                return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None, qt)
+                return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None, qt,
+                                     cancel, output_sink)
             except (_kpcore.LaneRetired, ModelNotReadyError) as e:
                 # evicted, or the model was reloaded meanwhile: the next lookup finds the new lane or model
                 replaced = self.models.get(name) is not rt

@@ -51,7 +51,7 @@ CRASH_WINDOW_S = 60.0
 LOAD_PROGRESS_S = 10.0  # a line every this many seconds while a model's workers load
 LANE_BYTES_BUDGET = 256 << 20  # a lane of large tensors gets fewer slots (but always 2)
 LANE_COUNTERS = ("claims", "batches", "rows", "client_sleeps", "worker_sleeps", "commit_timeouts", "full_waits",
-                 "abandoned_rows", "failed_batches", "expired_requests")
+                 "abandoned_rows", "failed_batches", "expired_requests", "cancelled_requests")
 
 
 @dataclass

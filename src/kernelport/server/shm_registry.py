@@ -36,6 +36,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
+
 from kernelport.errors import InvalidInputError, KernelPortError
 
 __all__ = [
@@ -148,6 +150,18 @@ class SharedMemoryRegion:
             view[start : start + nbytes] = memoryview(data).cast("B")
         finally:
             view.release()
+
+    def write_array(self, what: str, offset: int, arr: np.ndarray, capacity: int) -> np.ndarray:
+        """Copy `arr` to `offset`, where the request gave `capacity` bytes, in one copy (no bytes object
+        in between); returns the written array, a view of the region (valid while acquired)."""
+        if arr.nbytes > capacity:
+            raise InvalidInputError(
+                f"{what}: shared memory byte size {capacity} is too small for the {arr.nbytes}-byte result"
+            )
+        mapping, start = self._checked_span(what, offset, capacity)
+        dst = np.frombuffer(mapping, dtype=arr.dtype, count=arr.size, offset=start).reshape(arr.shape)
+        np.copyto(dst, arr, casting="no")
+        return dst
 
     def close(self) -> None:
         """Unmap and close. Views still alive keep the mapping until they die (no use-after-unmap)."""
