@@ -72,17 +72,17 @@ BOUNDED_MAX_BATCH = 8
 # ---- the repository ----------------------------------------------------------------------------------
 
 
-def build_repository(root: str, max_queue_size: int, layers: int) -> None:
+def build_repository(root: str, max_queue_size: int, layers: int, model_weight: int = 0) -> None:
     from kernelport.examples import build_example_repository
 
     examples = os.path.join(root, "examples")
     build_example_repository(examples)
     shutil.copytree(os.path.join(examples, KILL_MODEL), os.path.join(root, KILL_MODEL))
     shutil.rmtree(examples)
-    _bounded_model(os.path.join(root, BOUNDED_MODEL), max_queue_size, layers)
+    _bounded_model(os.path.join(root, BOUNDED_MODEL), max_queue_size, layers, model_weight)
 
 
-def _bounded_model(path: str, max_queue_size: int, layers: int) -> None:
+def _bounded_model(path: str, max_queue_size: int, layers: int, model_weight: int = 0) -> None:
     """512 -> 2048, then `layers` times Relu and 2048 x 2048 (one weight, shared), then -> 512: about
     8.4 MFLOP a sample per layer, so the model serves a few hundred samples/s on one core and the clients
     can offer ten times that without taking the CPU the server needs (they mostly get rejections)."""
@@ -114,6 +114,8 @@ def _bounded_model(path: str, max_queue_size: int, layers: int) -> None:
                 f"dynamic_batching {{\n  preferred_batch_size: [ {BOUNDED_MAX_BATCH} ]\n"
                 "  max_queue_delay_microseconds: 500\n"
                 f"  default_queue_policy {{ max_queue_size: {max_queue_size} }}\n}}\n")
+        if model_weight:  # the worker's CPU weight (nice): the front end then keeps its share of the CPU
+            f.write(f'parameters {{ key: "kernelport.model_weight" value: {{ string_value: "{model_weight}" }} }}\n')
 
 
 # ---- the client processes ----------------------------------------------------------------------------
@@ -555,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overload-factor", type=float, default=10.0)
     p.add_argument("--overload-threads", type=int, default=8, help="threads per local client process (open loop)")
     p.add_argument("--grpc-rate", type=float, default=150.0, help="requests/s per gRPC client process, overload")
+    p.add_argument("--model-weight", type=int, default=0,
+                   help="kernelport.model_weight of the overloaded model (15..1024; 0: not set, nice 0)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     started = _dt.datetime.now(_dt.timezone.utc)
@@ -563,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     others = Others()
     with tempfile.TemporaryDirectory(prefix="kp-faults-") as tmp:
         repo = os.path.join(tmp, "repo")
-        build_repository(repo, args.max_queue_size, args.bounded_layers)
+        build_repository(repo, args.max_queue_size, args.bounded_layers, args.model_weight)
         sock = os.path.join(tmp, "kp.sock")
         server = ServerProcess.with_ports(repo, sock, "--max-restarts", "1000", "--restart-backoff-ms",
                                           str(args.restart_backoff_ms), grpc=True)
