@@ -34,18 +34,18 @@ from kernelport.server.process import ServerProcess
 
 MODEL = "work"
 DIM = 256
-CHAIN = 12
+CHAIN = 48  # MatMuls per run: a batch takes longer than a client's wake-up, so a waiting tenant is back in time
 
 
-def write_model(repo: str, weights: str) -> None:
+def write_model(repo: str, weights: str, chain: int = CHAIN, max_batch: int = 8) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(5)
     w = (rng.standard_normal((DIM, DIM)) / np.sqrt(DIM)).astype(np.float32)
     nodes, prev = [], "x"
-    for i in range(CHAIN):
-        out = "y" if i == CHAIN - 1 else f"h{i}"
+    for i in range(chain):
+        out = "y" if i == chain - 1 else f"h{i}"
         nodes.append(helper.make_node("MatMul", [prev, "w"], [out]))
         prev = out
     graph = helper.make_graph(
@@ -55,7 +55,7 @@ def write_model(repo: str, weights: str) -> None:
     os.makedirs(os.path.join(repo, MODEL, "1"))
     onnx.save(model, os.path.join(repo, MODEL, "1", "model.onnx"))
     with open(os.path.join(repo, MODEL, "config.pbtxt"), "w") as f:
-        f.write(f'name: "{MODEL}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+        f.write(f'name: "{MODEL}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch}\n'
                 f'input [ {{ name: "x" data_type: TYPE_FP32 dims: [ {DIM} ] }} ]\n'
                 f'output [ {{ name: "y" data_type: TYPE_FP32 dims: [ {DIM} ] }} ]\n'
                 'dynamic_batching { max_queue_delay_microseconds: 0 }\n'
@@ -133,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="timed seconds per phase")
     p.add_argument("--warmup", type=float, default=1.0, help="untimed seconds before each phase")
     p.add_argument("--calm", type=int, default=2, help="clients of the calm tenant (the flood has 10x)")
+    p.add_argument("--chain", type=int, default=CHAIN, help="256x256 MatMuls per run of the model")
+    p.add_argument("--max-batch", type=int, default=8, help="max_batch_size of the model (1: a run per request)")
     p.add_argument("--weights", default="flood:1,calm:1", help="kernelport.tenant_weights of the model")
     p.add_argument("--json", help="where to write the JSON (default: bench/results/fairness-<time>.json)")
     args = p.parse_args(argv)
@@ -142,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = os.path.join(tmp, "repo")
-        write_model(repo, args.weights)
+        write_model(repo, args.weights, args.chain, args.max_batch)
         server = ServerProcess(repo, os.path.join(tmp, "kp.sock"))
         results: dict[str, Any] = {"clients": clients, "weights": weights, "fair_flood_share": fair,
                                    "duration_s": args.duration, "load_before": os.getloadavg()}
