@@ -41,6 +41,7 @@ from kernelport.benchmark.requesters import (  # noqa: F401 (re-exported for the
     LocalZeroCopy,
     Requester,
     Target,
+    error_kind,
     make_inputs,
 )
 
@@ -97,7 +98,8 @@ def _run_load(job: LoadRun, target: Target, index: int,
         try:
             requester()
         except failures as exc:
-            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            kind = error_kind(exc)  # the type, with the status a tritonclient error carries
+            errors[kind] = errors.get(kind, 0) + 1
             streak += 1
             if streak >= MAX_CONSECUTIVE_ERRORS:
                 raise
