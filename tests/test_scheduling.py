@@ -410,3 +410,78 @@ def test_a_level_with_its_own_queue_policy_has_its_own_queue(sched_server: Serve
         for r in high[1:] + low:
             r.release()
     assert max(tickets[:2]) < min(tickets[2:])  # and level 1 ran first
+
+
+# ---- tenants bound to bearer tokens -----------------------------------------------------------------
+
+GOLD_TOKEN = "gold-t0ken-123"
+OPEN_TOKEN = "open-t0ken-456"
+
+
+@pytest.fixture(scope="module")
+def token_server(example_repo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    import shutil
+
+    d = tmp_path_factory.mktemp("tenant_tokens")
+    repo = d / "repo"
+    shutil.copytree(os.path.join(example_repo, "add_sub"), repo / "add_sub")
+    tokens = d / "tokens"
+    tokens.write_text(f"infer:{GOLD_TOKEN} tenant=gold\ninfer:{OPEN_TOKEN}\n")
+    os.chmod(tokens, 0o600)
+    srv = ServerProcess.with_ports(str(repo), str(d / "kp.sock"), "--grpc-token-file", str(tokens),
+                                   "--http-token-file", str(tokens), grpc=True, http=True)
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+def test_a_token_bound_to_a_tenant_decides_the_tenant(token_server: ServerProcess) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    a = np.ones((1, 16), np.float32)
+    g = grpcclient.InferenceServerClient(f"127.0.0.1:{token_server.grpc_port}")
+    inputs = []
+    for n in ("INPUT0", "INPUT1"):
+        t = grpcclient.InferInput(n, [1, 16], "FP32")
+        t.set_data_from_numpy(a)
+        inputs.append(t)
+
+    def call(token: str, tenant: str | None = None) -> None:
+        headers = {"authorization": f"Bearer {token}"}
+        if tenant is not None:
+            headers["kernelport-tenant"] = tenant
+        g.infer("add_sub", inputs, headers=headers)
+
+    call(GOLD_TOKEN)  # no header: runs as gold
+    call(GOLD_TOKEN, "gold")
+    with pytest.raises(InferenceServerException) as e:
+        call(GOLD_TOKEN, "silver")  # a gold token cannot act as silver
+    assert "PERMISSION_DENIED" in str(e.value.status()) and GOLD_TOKEN not in str(e.value)
+    call(OPEN_TOKEN, "silver")  # an unbound token: the header decides
+    call(OPEN_TOKEN)
+
+    h = httpclient.InferenceServerClient(f"127.0.0.1:{token_server.http_port}")
+    hin = []
+    for n in ("INPUT0", "INPUT1"):
+        t = httpclient.InferInput(n, [1, 16], "FP32")
+        t.set_data_from_numpy(a)
+        hin.append(t)
+    h.infer("add_sub", hin, headers={"Authorization": f"Bearer {GOLD_TOKEN}"})
+    with pytest.raises(InferenceServerException, match="bound to another tenant"):
+        h.infer("add_sub", hin, headers={"Authorization": f"Bearer {GOLD_TOKEN}", "kernelport-tenant": "silver"})
+    with Client(token_server.socket_path) as c:
+        counts = c.tenant_counters("add_sub")
+    assert counts["gold"]["claims"] == 3
+    assert counts["silver"]["claims"] == 1
+    assert counts[""]["claims"] == 1
+
+
+@pytest.mark.parametrize("line", [
+    "infer:tok tenant=", "infer:tok tenant=bad name", "infer:tok owner=x", "infer:tok tenant=a tenant=b",
+    "infer:tok tenant=a\ninfer:tok tenant=b",
+])
+def test_token_file_tenant_errors(line: str) -> None:
+    from kernelport.errors import ConfigError
+    from kernelport.protocol.auth import TokenTable
+
+    with pytest.raises(ConfigError, match="line"):
+        TokenTable.from_lines(line.split("\n"))

@@ -45,6 +45,12 @@ class RequestCancelledError(KernelPortError):
     grpc_code = "CANCELLED"
 
 
+class PermissionDeniedError(KernelPortError):
+    """The caller is authenticated but may not do this (a token bound to another tenant)."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
 class QueueFullError(KernelPortError):
     grpc_code = "RESOURCE_EXHAUSTED"
 

@@ -10,6 +10,11 @@ Token file (`--grpc-token-file FILE`, `TokenTable.from_file`): one `group:token`
     infer:s3cret-for-inference
     repository:another-token
     *:admin-token
+    infer:t0ken-of-gold tenant=gold
+
+A token may be bound to a tenant (` tenant=NAME` after it): requests carrying it run as that tenant
+(`kernelport.server.scheduling`), and one that names another tenant in its `kernelport-tenant` header is
+refused with PERMISSION_DENIED (HTTP 403). Without a binding the tenant is what the request says.
 
 Groups, and the RPCs each one covers:
 - `infer`: ModelInfer, ModelStreamInfer.
@@ -46,12 +51,12 @@ import os
 import ssl
 import stat
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from kernelport.errors import ConfigError
+from kernelport.errors import ConfigError, KernelPortError, PermissionDeniedError
 
 __all__ = [
     "ALL_GROUPS",
@@ -60,6 +65,7 @@ __all__ = [
     "BearerTokenInterceptor",
     "TokenTable",
     "bearer_token",
+    "request_tenant",
     "http_group",
     "method_group",
     "read_tls_files",
@@ -137,11 +143,15 @@ class TokenTable:
     """The tokens of each group (`*` for every RPC), as bytes for `hmac.compare_digest`."""
 
     tokens: Mapping[str, tuple[bytes, ...]]
+    tenants: Mapping[bytes, str] = field(default_factory=dict)  # token -> the tenant it is bound to
 
     @classmethod
     def from_lines(cls, lines: Iterable[str], source: str = "token file") -> TokenTable:
-        """Parse `group:token` lines; ConfigError names `source` and the line, never the token."""
+        """Parse `group:token [tenant=NAME]` lines; ConfigError names `source` and the line, never the token."""
+        from kernelport.server.scheduling import check_tenant
+
         table: dict[str, list[bytes]] = {}
+        tenants: dict[bytes, str] = {}
         for number, raw in enumerate(lines, start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -149,6 +159,19 @@ class TokenTable:
             group, sep, token = line.partition(":")
             group, token = group.strip(), token.strip()
             where = f"{source} line {number}"
+            token, _, extra = token.partition(" ")
+            bound = None
+            for item in extra.split():
+                key, eq, value = item.partition("=")
+                if key != "tenant" or not eq or bound is not None:
+                    raise ConfigError(f"{where}: after the token only 'tenant=NAME' may follow")
+                try:
+                    bound = check_tenant(value, "token file")
+                except KernelPortError:
+                    raise ConfigError(
+                        f"{where}: the tenant name is not valid (1-64 of letters, digits, ._:@-)") from None
+                if not bound:
+                    raise ConfigError(f"{where}: 'tenant=' needs a name")
             if not sep:
                 raise ConfigError(f"{where}: expected 'group:token'")
             if group != ALL_GROUPS and group not in GROUPS:
@@ -161,9 +184,13 @@ class TokenTable:
                     "without spaces"
                 )
             table.setdefault(group, []).append(token.encode("ascii"))
+            if bound is not None:
+                if tenants.get(token.encode("ascii"), bound) != bound:
+                    raise ConfigError(f"{where}: this token is bound to another tenant on an earlier line")
+                tenants[token.encode("ascii")] = bound
         if not table:
             raise ConfigError(f"{source}: no 'group:token' line; it would protect nothing")
-        return cls({g: tuple(ts) for g, ts in table.items()})
+        return cls({g: tuple(ts) for g, ts in table.items()}, tenants)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> TokenTable:
@@ -207,6 +234,25 @@ class TokenTable:
         for token in accepted:
             found |= hmac.compare_digest(given, token)
         return found
+
+
+def request_tenant(table: TokenTable | None, metadata: Iterable[Any] | None, claimed: str | None) -> str | None:
+    """The tenant a request runs as: the one its bearer token is bound to (PermissionDeniedError when it
+    claims another), else the one it claims (None: none)."""
+    if table is None or not table.tenants:
+        return claimed
+    token, _ = bearer_token(metadata)
+    if token is None:
+        return claimed
+    bound = None
+    for known, tenant in table.tenants.items():  # every entry compared, in constant time
+        if hmac.compare_digest(token, known):
+            bound = tenant
+    if bound is None:
+        return claimed
+    if claimed and claimed != bound:
+        raise PermissionDeniedError(f"this bearer token is bound to another tenant than '{claimed[:64]}'")
+    return bound
 
 
 def bearer_token(metadata: Iterable[Any] | None) -> tuple[bytes | None, str]:

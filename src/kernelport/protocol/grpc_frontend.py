@@ -60,7 +60,7 @@ from google.protobuf.message import Message
 from kernelport.client.lanes import Cancellation
 from kernelport.errors import InvalidInputError, KernelPortError, ModelNotFoundError
 from kernelport.gpu.cuda_shm import CudaSharedMemoryRegistry
-from kernelport.protocol import message_class
+from kernelport.protocol import auth, message_class
 from kernelport.server.scheduling import TENANT_HEADER, check_tenant
 from kernelport.server.shm_registry import SharedMemoryRegion, SharedMemoryRegistry
 
@@ -285,6 +285,7 @@ class InferenceServicer:
         cuda_shm: CudaSharedMemoryRegistry | None = None,
     ) -> None:
         self.dp = dataplane
+        self.tokens: auth.TokenTable | None = None  # set when tokens may bind requests to tenants
         self.shm = shm if shm is not None else SharedMemoryRegistry(allowed=False)
         self.cuda_shm = cuda_shm if cuda_shm is not None else CudaSharedMemoryRegistry(allowed=self.shm.allowed)
         self.version = _server_version()
@@ -610,7 +611,7 @@ class InferenceServicer:
         cancel = Cancellation()
         if not context.add_callback(cancel.cancel):
             cancel.cancel()  # the call has already ended
-        return self.infer(request, context.time_remaining(), cancel=cancel, tenant=_tenant_header(context))
+        return self.infer(request, context.time_remaining(), cancel=cancel, tenant=self._tenant(context))
 
     def model_stream_infer(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
@@ -632,7 +633,10 @@ class InferenceServicer:
 
         context.add_callback(on_end)
         window = threading.BoundedSemaphore(_STREAM_WINDOW)
-        tenant = _tenant_header(context)
+        try:
+            tenant = self._tenant(context)
+        except KernelPortError as err:  # a token bound to another tenant: the stream is refused
+            _abort(context, err)
 
         def run_one(request: Any) -> None:
             resp = self.ModelStreamInferResponse()
@@ -745,6 +749,13 @@ class InferenceServicer:
             self._encode_outputs(spec, request, out_plan, results, region, resp, written)
             del results
             return resp
+
+    def _tenant(self, context: grpc.ServicerContext) -> str | None:
+        """The `kernelport-tenant` header, or the tenant the call's bearer token is bound to."""
+        claimed = _tenant_header(context)
+        if self.tokens is None or not self.tokens.tenants:
+            return claimed
+        return auth.request_tenant(self.tokens, context.invocation_metadata(), claimed)
 
     def _model_plan(self, name: str, spec: Any, info: Any) -> _ModelPlan:
         plan = self._plans.get(name)
@@ -1237,6 +1248,7 @@ def serve_grpc(
         else SharedMemoryRegistry(allowed=allow_client_shm, reserved_key_prefixes=reserved_shm_prefixes)
     )
     servicer = InferenceServicer(dataplane, registry, stream_workers=workers)
+    servicer.tokens = next((i.table for i in interceptors if isinstance(i, auth.BearerTokenInterceptor)), None)
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),

@@ -114,6 +114,13 @@ _SHM_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory
 Headers = Message | Mapping[str, str]  # the request's headers (http.server gives an email Message)
 
 
+def _authorization(headers: Headers) -> list[tuple[str, str]]:
+    """The request's Authorization headers, as gRPC-style metadata for `auth.bearer_token`."""
+    values = headers.get_all("Authorization") if isinstance(headers, Message) else (
+        [v for k, v in headers.items() if k.lower() == "authorization"])
+    return [("authorization", v) for v in values or ()]
+
+
 def http_status(err: KernelPortError) -> int:
     return _HTTP_STATUS.get(str(getattr(err, "grpc_code", "INTERNAL")), 500)
 
@@ -345,9 +352,7 @@ class HttpFrontend:
         if required is None:
             return
         group, accepted = required
-        values = headers.get_all("Authorization") if isinstance(headers, Message) else (
-            [v for k, v in headers.items() if k.lower() == "authorization"])
-        token, why = auth.bearer_token([("authorization", v) for v in values or ()])
+        token, why = auth.bearer_token(_authorization(headers))
         what = f"{method} {path[:200]}"
         if token is None:
             why = why.replace("metadata entry", "header").replace("metadata", "header")
@@ -570,9 +575,11 @@ class HttpFrontend:
         extra = {"queue_timeout": timeout} if timeout is not None else {}
         # the schedule policy: a priority level, and the tenant (header first, then parameter)
         priority = params.get("priority", 0)
-        tenant = headers.get(TENANT_HEADER) or params.get("tenant")
+        tenant = check_tenant(headers.get(TENANT_HEADER) or params.get("tenant"), name)
+        if self.tokens is not None and self.tokens.tenants:  # a token bound to a tenant decides it
+            tenant = auth.request_tenant(self.tokens, _authorization(headers), tenant or None) or ""
         results = self.dp.infer(name, inputs, outputs=wanted, timeout=timeout, **extra,
-                                priority=parse_priority(priority, name), tenant=check_tenant(tenant, name))
+                                priority=parse_priority(priority, name), tenant=tenant)
         return self._encode_outputs(spec, name, version, req, plan, results)
 
     def _decode_inputs(self, spec: Any, req: Mapping[str, Any], binary: memoryview) -> dict[str, np.ndarray]:
