@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -434,16 +435,21 @@ def token_server(example_repo: str, tmp_path_factory: pytest.TempPathFactory) ->
     assert srv.stop() == 0, srv.log()
 
 
+def _add_sub_inputs(module: Any) -> list[Any]:
+    """add_sub's two inputs (ones, [1, 16]) for tritonclient.grpc or tritonclient.http."""
+    inputs = []
+    for n in ("INPUT0", "INPUT1"):
+        t = module.InferInput(n, [1, 16], "FP32")
+        t.set_data_from_numpy(np.ones((1, 16), np.float32))
+        inputs.append(t)
+    return inputs
+
+
 def test_a_token_bound_to_a_tenant_decides_the_tenant(token_server: ServerProcess) -> None:
     from tritonclient.utils import InferenceServerException
 
-    a = np.ones((1, 16), np.float32)
     g = grpcclient.InferenceServerClient(f"127.0.0.1:{token_server.grpc_port}")
-    inputs = []
-    for n in ("INPUT0", "INPUT1"):
-        t = grpcclient.InferInput(n, [1, 16], "FP32")
-        t.set_data_from_numpy(a)
-        inputs.append(t)
+    inputs = _add_sub_inputs(grpcclient)
 
     def call(token: str, tenant: str | None = None) -> None:
         headers = {"authorization": f"Bearer {token}"}
@@ -460,11 +466,7 @@ def test_a_token_bound_to_a_tenant_decides_the_tenant(token_server: ServerProces
     call(OPEN_TOKEN)
 
     h = httpclient.InferenceServerClient(f"127.0.0.1:{token_server.http_port}")
-    hin = []
-    for n in ("INPUT0", "INPUT1"):
-        t = httpclient.InferInput(n, [1, 16], "FP32")
-        t.set_data_from_numpy(a)
-        hin.append(t)
+    hin = _add_sub_inputs(httpclient)
     h.infer("add_sub", hin, headers={"Authorization": f"Bearer {GOLD_TOKEN}"})
     with pytest.raises(InferenceServerException, match="bound to another tenant"):
         h.infer("add_sub", hin, headers={"Authorization": f"Bearer {GOLD_TOKEN}", "kernelport-tenant": "silver"})

@@ -297,7 +297,30 @@ def _triton_datatype(a: np.ndarray) -> str:
     return "BYTES" if a.dtype == np.object_ else str(np_to_triton_dtype(a.dtype))
 
 
-class GrpcRaw:
+class _TritonRequester:
+    """What the tritonclient requesters share: a subclass sets `client` and `output_names` and sends one
+    request in `_infer()`; the outputs are read back as numpy (`InferResult.as_numpy`)."""
+
+    client: Any
+    output_names: list[str]
+
+    def _infer(self) -> Any:
+        raise NotImplementedError
+
+    def __call__(self) -> None:
+        response = self._infer()
+        for name in self.output_names:
+            response.as_numpy(name)
+
+    def result(self) -> dict[str, np.ndarray] | None:
+        response = self._infer()
+        return {name: response.as_numpy(name).copy() for name in self.output_names}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class GrpcRaw(_TritonRequester):
     """tritonclient.grpc, tensors in the messages: on every request the inputs are set from numpy
     (`InferInput.set_data_from_numpy`, raw_input_contents) and the outputs read back as numpy
     (`InferResult.as_numpy`, from raw_output_contents)."""
@@ -320,17 +343,6 @@ class GrpcRaw:
         return self.client.infer(self.model, self.inputs, outputs=self.outputs, client_timeout=self.timeout,
                                  headers=self.headers)
 
-    def __call__(self) -> None:
-        response = self._infer()
-        for name in self.output_names:
-            response.as_numpy(name)
-
-    def result(self) -> dict[str, np.ndarray] | None:
-        response = self._infer()
-        return {name: response.as_numpy(name).copy() for name in self.output_names}
-
-    def close(self) -> None:
-        self.client.close()
 
 
 class GrpcSharedMemory:
@@ -427,7 +439,7 @@ class GrpcSharedMemory:
         self.client.close()
 
 
-class HttpRaw:
+class HttpRaw(_TritonRequester):
     """tritonclient.http with the binary tensor extension: inputs set from numpy on every request
     (`set_data_from_numpy(binary_data=True)`), outputs asked for as binary data and read as numpy."""
 
@@ -450,18 +462,6 @@ class HttpRaw:
         for tensor, value in zip(self.inputs, self.arrays):
             tensor.set_data_from_numpy(value, binary_data=True)
         return self.client.infer(self.model, self.inputs, outputs=self.outputs, headers=self.headers)
-
-    def __call__(self) -> None:
-        response = self._infer()
-        for name in self.output_names:
-            response.as_numpy(name)
-
-    def result(self) -> dict[str, np.ndarray] | None:
-        response = self._infer()
-        return {name: response.as_numpy(name).copy() for name in self.output_names}
-
-    def close(self) -> None:
-        self.client.close()
 
 
 # ---- model metadata and statistics ---------------------------------------------------------------------

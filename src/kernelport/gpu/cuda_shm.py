@@ -33,6 +33,7 @@ from typing import Any
 from kernelport.errors import InvalidInputError, KernelPortError
 from kernelport.gpu.cuda import CudaUnavailableError, require_cuda
 from kernelport.gpu.ipc import UINT64_MAX, check_handle_bytes, check_span, raw_mem_handle
+from kernelport.server.shm_registry import RegionExistsError, RegionNotFoundError
 
 __all__ = ["CudaIpcHelper", "CudaRegion", "CudaRegionInfo", "CudaSharedMemoryRegistry"]
 
@@ -45,12 +46,9 @@ class CudaShmDisabledError(KernelPortError):
     grpc_code = "UNAVAILABLE"
 
 
-class CudaRegionNotFoundError(KernelPortError):
-    grpc_code = "NOT_FOUND"
-
-
-class CudaRegionExistsError(KernelPortError):
-    grpc_code = "ALREADY_EXISTS"
+# the system regions' errors: a CUDA region is not found or already exists with the same status codes
+CudaRegionNotFoundError = RegionNotFoundError
+CudaRegionExistsError = RegionExistsError
 
 
 @dataclass(frozen=True)
