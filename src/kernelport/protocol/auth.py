@@ -163,8 +163,12 @@ class TokenTable:
             bound = None
             for item in extra.split():
                 key, eq, value = item.partition("=")
-                if key != "tenant" or not eq or bound is not None:
-                    raise ConfigError(f"{where}: after the token only 'tenant=NAME' may follow")
+                if key != "tenant" or not eq:  # not a binding: a token with a space in it
+                    raise ConfigError(
+                        f"{where}: the token must be 1 to {MAX_TOKEN_CHARS} printable ASCII characters "
+                        "without spaces (only ' tenant=NAME' may follow it)")
+                if bound is not None:
+                    raise ConfigError(f"{where}: a token is bound to one tenant at most")
                 try:
                     bound = check_tenant(value, "token file")
                 except KernelPortError:
