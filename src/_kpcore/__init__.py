@@ -19,7 +19,9 @@ from _kpcore.core import (
     LaneTimeout,
     Scheduler,
     Segment,
+    SourceFault,
     StatsBlock,
+    guarded_copy,
     next_batch,
     now_ns,
 )
@@ -28,5 +30,5 @@ __all__ = [
     "CONTROL", "DOORBELL_BYTES", "LANE_DEAD", "LANE_LIVE", "LANE_RETIRED", "MAX_TENSORS", "NONE",
     "Doorbell", "Lane", "LaneAbandoned", "LaneDead", "LaneError", "LaneExpired", "LaneFull", "LaneRetired",
     "LaneTimeout",
-    "Scheduler", "Segment", "StatsBlock", "next_batch", "now_ns",
+    "Scheduler", "Segment", "SourceFault", "StatsBlock", "guarded_copy", "next_batch", "now_ns",
 ]

@@ -146,3 +146,7 @@ cdef class Lane:
     cdef kp_lane_hdr *h
     cdef kp_lane_hdr layout
     cdef kp_spin spin
+
+cdef extern from "kp_guard.h" nogil:
+    int kp_guard_install()
+    int kp_guarded_copy(void *dst, const void *src, size_t n)

@@ -491,6 +491,31 @@ cdef class Lane:
         kp_complete(self.h, seq, status, msg, stats.st if stats is not None else NULL, infer_ns)
 
 
+class SourceFault(Exception):
+    """A guarded copy lost a page part way: the shared memory was truncated under it."""
+
+
+def guarded_copy(dst, src):
+    """Copy the bytes of buffer `src` into writable buffer `dst` (the same size, both contiguous), with
+    a SIGBUS guard: memory that another process truncates meanwhile raises SourceFault instead of
+    killing this process. Installs the process's SIGBUS handler on first use (earlier handlers still get
+    every SIGBUS that is not from a guarded copy)."""
+    cdef const unsigned char[::1] s = memoryview(src).cast("B")
+    cdef unsigned char[::1] d = memoryview(dst).cast("B")
+    cdef size_t n = s.shape[0]
+    cdef int rc
+    if <size_t>d.shape[0] != n:
+        raise ValueError(f"guarded_copy: {d.shape[0]} bytes of room for {n}")
+    if n == 0:
+        return
+    if kp_guard_install() != 0:
+        raise OSError(errno, "cannot install the SIGBUS handler")
+    with nogil:
+        rc = kp_guarded_copy(&d[0], &s[0], n)
+    if rc != 0:
+        raise SourceFault("the shared memory was truncated while it was copied")
+
+
 NONE = KP_NONE
 CONTROL = KP_CONTROL
 

@@ -461,11 +461,12 @@ class LaneView:
             wanted: Sequence[str] | None = None,
             check_alive: Callable[[], None] | None = None, queue_timeout: float = 0.0,
             cancel: Cancellation | None = None,
-            output_sink: Callable[[str, np.ndarray], Any] | None = None) -> dict[str, Any]:
+            output_sink: Callable[[str, np.ndarray], Any] | None = None, guard: bool = False) -> dict[str, Any]:
         """One request, copying in and out. `cancel`: see Cancellation. `output_sink(name, rows)` gets each
         wanted non-BYTES output as a view of its rows, valid only during the call, and may take it
         itself (copy it where it is needed: one copy instead of two) by returning what the result should
-        hold for it; None: the usual copy."""
+        hold for it; None: the usual copy. `guard`: the inputs may be views of memory another process
+        can truncate (a client's registered shared memory): copy them with a SIGBUS guard."""
         seq, row = self.claim(owner, n, timeout, model, queue_timeout)
         committed = False
         try:
@@ -473,6 +474,12 @@ class LaneView:
             for i, (t, a) in enumerate(zip(self.layout.tensors, arrays)):
                 if t.is_bytes:
                     bytes_codec.encode_into(dst[i], a)
+                elif guard and a.flags.c_contiguous and a.dtype == dst[i].dtype and a.nbytes == dst[i].nbytes:
+                    try:
+                        _kpcore.guarded_copy(dst[i], a)
+                    except _kpcore.SourceFault:
+                        raise InvalidInputError(f"model '{model}' input '{t.name}': its shared memory shrank "
+                                                "while it was read") from None
                 else:
                     np.copyto(dst[i], a, casting="no")
             if cancel is not None:

@@ -898,7 +898,8 @@ class InferenceServicer:
             view = region(ref.region).read(what, ref.offset, ref.byte_size)
             if is_bytes:
                 # Parse from a private copy: the client can rewrite the region while we read it.
-                return _parse_bytes_tensor(what, bytes(view), count).reshape(shape)
+                private = region(ref.region).copy_out(what, ref.offset, ref.byte_size)
+                return _parse_bytes_tensor(what, bytes(private), count).reshape(shape)
             arr = np.frombuffer(view, dtype=_numpy_dtype(ts, datatype))
             return arr.reshape(shape)
         if raw is not None:

@@ -305,8 +305,9 @@ class DataPlane:
                 qt = min(qt, timeout) if qt else timeout
             try:
                 lane = rt.lane_for(shapes, caps, priority, tenant)
+                # guard: the server's inputs may be views of a client's registered shared memory
                 return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None, qt,
-                                     cancel, output_sink)
+                                     cancel, output_sink, guard=True)
             except (_kpcore.LaneRetired, ModelNotReadyError) as e:
                 # evicted, or the model was reloaded meanwhile: the next lookup finds the new lane or model
                 replaced = self.models.get(name) is not rt

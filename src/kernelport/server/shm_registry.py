@@ -19,9 +19,11 @@ must be a regular file with a single link (a hard link to another segment is ref
 with a prefix the server reserves for its own segments. Error messages name the region, never the server's
 paths or its segment keys.
 
-Residual risk, shared with every shared-memory server: a client that shrinks its object while a request is
-being copied can make the server fault. The size is re-checked (fstat) each time a region is used, which
-closes all but that narrow window; clients are trusted this far only when `allow_client_shm` is set.
+A client may shrink its object at any time; touching a mapped page past the new end raises SIGBUS. The size
+is re-checked (fstat) each time a region is used, and every copy from or to a region runs under a SIGBUS
+guard (`_kpcore.guarded_copy`, `kp_guard.h`): a region cut short while it is copied fails that request
+with INVALID_ARGUMENT and the server goes on. Inputs reach the lane rows through `LaneView.run(...,
+guard=True)`, which the data plane always asks for.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+import _kpcore
 from kernelport.errors import InvalidInputError, KernelPortError
 
 __all__ = [
@@ -147,9 +151,28 @@ class SharedMemoryRegion:
         mapping, start = self._checked_span(what, offset, capacity)
         view = memoryview(mapping)
         try:
-            view[start : start + nbytes] = memoryview(data).cast("B")
+            self._guarded(what, view[start : start + nbytes], memoryview(data).cast("B"), "written")
         finally:
             view.release()
+
+    def copy_out(self, what: str, offset: int, byte_size: int) -> bytearray:
+        """A private copy of `byte_size` bytes at `offset` (what a parser may trust not to change)."""
+        mapping, start = self._checked_span(what, offset, byte_size)
+        out = bytearray(byte_size)
+        view = memoryview(mapping)
+        try:
+            self._guarded(what, out, view[start : start + byte_size], "read")
+        finally:
+            view.release()
+        return out
+
+    def _guarded(self, what: str, dst: Any, src: Any, verb: str) -> None:
+        """A copy that a client shrinking its object under us turns into an error, not a SIGBUS."""
+        try:
+            _kpcore.guarded_copy(dst, src)
+        except _kpcore.SourceFault:
+            raise InvalidInputError(
+                f"{what}: shared memory region '{self.name}' shrank while it was {verb}") from None
 
     def write_array(self, what: str, offset: int, arr: np.ndarray, capacity: int) -> np.ndarray:
         """Copy `arr` to `offset`, where the request gave `capacity` bytes, in one copy (no bytes object
@@ -160,7 +183,7 @@ class SharedMemoryRegion:
             )
         mapping, start = self._checked_span(what, offset, capacity)
         dst = np.frombuffer(mapping, dtype=arr.dtype, count=arr.size, offset=start).reshape(arr.shape)
-        np.copyto(dst, arr, casting="no")
+        self._guarded(what, dst, np.ascontiguousarray(arr), "written")
         return dst
 
     def close(self) -> None:
