@@ -24,8 +24,6 @@ import ctypes
 import logging
 import multiprocessing
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -33,7 +31,7 @@ from typing import Any
 from kernelport.errors import InvalidInputError, KernelPortError
 from kernelport.gpu.cuda import CudaUnavailableError, require_cuda
 from kernelport.gpu.ipc import UINT64_MAX, check_handle_bytes, check_span, raw_mem_handle
-from kernelport.server.shm_registry import RegionExistsError, RegionNotFoundError
+from kernelport.server.shm_registry import RegionExistsError, RegionNotFoundError, RegionTable
 
 __all__ = ["CudaIpcHelper", "CudaRegion", "CudaRegionInfo", "CudaSharedMemoryRegistry"]
 
@@ -198,14 +196,15 @@ class CudaRegion:
         self.registry._helper_call("write", self.handle, self.device_id, offset, bytes(memoryview(data).cast("B")))
 
 
-class CudaSharedMemoryRegistry:
+class CudaSharedMemoryRegistry(RegionTable[CudaRegion]):
     """Thread-safe table of CUDA regions; the helper process is started on the first registration."""
 
+    kind = WHAT
+    limit_error = CudaShmDisabledError
+
     def __init__(self, allowed: bool = False, *, max_regions: int = 1024) -> None:
+        super().__init__(max_regions)
         self.allowed = allowed
-        self._max_regions = max_regions
-        self._regions: dict[str, CudaRegion] = {}
-        self._lock = threading.Lock()
         self._helper: CudaIpcHelper | None = None
 
     def available(self) -> bool:
@@ -253,62 +252,14 @@ class CudaSharedMemoryRegistry:
             self._close_handle(handle, device_id)
             raise
 
-    def _check_free(self, name: str) -> None:
-        if name in self._regions:
-            raise CudaRegionExistsError(f"{WHAT} region '{name}' is already registered")
-        if len(self._regions) >= self._max_regions:
-            raise CudaShmDisabledError(f"too many {WHAT} regions registered (limit {self._max_regions})")
-
     def _close_handle(self, handle: bytes, device_id: int) -> None:
         try:
             self._helper_call("close", handle, device_id)
         except KernelPortError as e:
             log.warning("%s: closing a handle failed: %s", WHAT, e)
 
-    def unregister(self, name: str = "") -> None:
-        with self._lock:
-            if name:
-                region = self._regions.pop(name, None)
-                victims = [region] if region is not None else []
-            else:
-                victims = list(self._regions.values())
-                self._regions.clear()
-            to_close = []
-            for r in victims:
-                r._retired = True
-                if r._users == 0:
-                    to_close.append(r)
-        for r in to_close:
-            self._close_handle(r.handle, r.device_id)
-
-    def status(self, name: str = "") -> list[CudaRegionInfo]:
-        with self._lock:
-            if not name:
-                return [r.info() for r in self._regions.values()]
-            region = self._regions.get(name)
-            if region is None:
-                raise CudaRegionNotFoundError(f"{WHAT} region '{name}' is not registered")
-            return [region.info()]
-
-    def has(self, name: str) -> bool:
-        with self._lock:
-            return name in self._regions
-
-    @contextmanager
-    def use(self, name: str) -> Iterator[CudaRegion]:
-        with self._lock:
-            region = self._regions.get(name)
-            if region is None:
-                raise CudaRegionNotFoundError(f"{WHAT} region '{name}' is not registered")
-            region._users += 1
-        try:
-            yield region
-        finally:
-            with self._lock:
-                region._users -= 1
-                last = region._users == 0 and region._retired
-            if last:
-                self._close_handle(region.handle, region.device_id)
+    def _close_region(self, region: CudaRegion) -> None:
+        self._close_handle(region.handle, region.device_id)
 
     def close(self) -> None:
         self.unregister("")

@@ -37,7 +37,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -199,7 +199,88 @@ class SharedMemoryRegion:
             self._fd = -1
 
 
-class SharedMemoryRegistry:
+R = TypeVar("R", bound=Any)
+
+
+class RegionTable(Generic[R]):
+    """Registered regions by name, each counted while requests use it: unregistering a region in use
+    retires it, and its last user closes it. Thread-safe. Subclasses register regions (`_check_free`,
+    then `_regions[name] = region` under `_lock`) and say how one is closed (`_close_region`)."""
+
+    kind = "shared memory"  # how messages name a region
+    limit_error: type[KernelPortError] = RegionLimitError
+
+    def __init__(self, max_regions: int) -> None:
+        self._max_regions = max_regions
+        self._regions: dict[str, R] = {}
+        self._lock = threading.Lock()
+
+    def _close_region(self, region: R) -> None:
+        raise NotImplementedError
+
+    def _check_free(self, name: str) -> None:
+        if name in self._regions:
+            raise RegionExistsError(f"{self.kind} region '{name}' is already registered")
+        if len(self._regions) >= self._max_regions:
+            raise self.limit_error(f"too many {self.kind} regions registered (limit {self._max_regions})")
+
+    def unregister(self, name: str = "") -> None:
+        """Unregister `name`, or every region when `name` is empty. Unknown names are not an error."""
+        with self._lock:
+            if name:
+                region = self._regions.pop(name, None)
+                victims = [region] if region is not None else []
+            else:
+                victims = list(self._regions.values())
+                self._regions.clear()
+            to_close = []
+            for region in victims:
+                region._retired = True
+                if region._users == 0:
+                    to_close.append(region)
+        for region in to_close:
+            self._close_region(region)
+
+    def status(self, name: str = "") -> list[Any]:
+        with self._lock:
+            if not name:
+                return [r.info() for r in self._regions.values()]
+            return [self._get(name).info()]
+
+    def has(self, name: str) -> bool:
+        with self._lock:
+            return name in self._regions
+
+    def _get(self, name: str) -> R:
+        region = self._regions.get(name)
+        if region is None:
+            raise RegionNotFoundError(f"{self.kind} region '{name}' is not registered")
+        return region
+
+    def acquire(self, name: str) -> R:
+        """Take a reference for one request; pair with `release`."""
+        with self._lock:
+            region = self._get(name)
+            region._users += 1
+            return region
+
+    def release(self, region: R) -> None:
+        with self._lock:
+            region._users -= 1
+            last = region._users == 0 and region._retired
+        if last:
+            self._close_region(region)
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[R]:
+        region = self.acquire(name)
+        try:
+            yield region
+        finally:
+            self.release(region)
+
+
+class SharedMemoryRegistry(RegionTable[SharedMemoryRegion]):
     """Thread-safe table of client-registered system shared memory regions."""
 
     def __init__(
@@ -209,11 +290,9 @@ class SharedMemoryRegistry:
         reserved_key_prefixes: tuple[str, ...] = DEFAULT_RESERVED_PREFIXES,
         max_regions: int = 1024,
     ) -> None:
+        super().__init__(max_regions)
         self.allowed = allowed
         self._reserved = tuple(p for p in reserved_key_prefixes if p)
-        self._max_regions = max_regions
-        self._regions: dict[str, SharedMemoryRegion] = {}
-        self._lock = threading.Lock()
 
     # -- registration --------------------------------------------------------------------------------
 
@@ -260,12 +339,6 @@ class SharedMemoryRegistry:
                 raise
             self._regions[name] = region
 
-    def _check_free(self, name: str) -> None:
-        if name in self._regions:
-            raise RegionExistsError(f"shared memory region '{name}' is already registered")
-        if len(self._regions) >= self._max_regions:
-            raise RegionLimitError(f"too many shared memory regions registered (limit {self._max_regions})")
-
     @staticmethod
     def _open(what: str, plain_key: str) -> int:
         try:
@@ -281,57 +354,8 @@ class SharedMemoryRegistry:
                 f"{what}: cannot open the shared memory object ({exc.strerror})"
             ) from None
 
-    def unregister(self, name: str = "") -> None:
-        """Unregister `name`, or every region when `name` is empty. Unknown names are not an error."""
-        with self._lock:
-            if name:
-                region = self._regions.pop(name, None)
-                victims = [region] if region is not None else []
-            else:
-                victims = list(self._regions.values())
-                self._regions.clear()
-            to_close = []
-            for region in victims:
-                region._retired = True
-                if region._users == 0:
-                    to_close.append(region)
-        for region in to_close:
-            region.close()
-
-    def status(self, name: str = "") -> list[RegionInfo]:
-        with self._lock:
-            if not name:
-                return [r.info() for r in self._regions.values()]
-            region = self._regions.get(name)
-            if region is None:
-                raise RegionNotFoundError(f"shared memory region '{name}' is not registered")
-            return [region.info()]
-
-    # -- use by requests -----------------------------------------------------------------------------
-
-    def acquire(self, name: str) -> SharedMemoryRegion:
-        """Take a reference for one request; pair with `release`."""
-        with self._lock:
-            region = self._regions.get(name)
-            if region is None:
-                raise RegionNotFoundError(f"shared memory region '{name}' is not registered")
-            region._users += 1
-            return region
-
-    def release(self, region: SharedMemoryRegion) -> None:
-        with self._lock:
-            region._users -= 1
-            last = region._users == 0 and region._retired
-        if last:
-            region.close()
-
-    @contextmanager
-    def use(self, name: str) -> Iterator[SharedMemoryRegion]:
-        region = self.acquire(name)
-        try:
-            yield region
-        finally:
-            self.release(region)
+    def _close_region(self, region: SharedMemoryRegion) -> None:
+        region.close()
 
     def close(self) -> None:
         self.unregister("")
