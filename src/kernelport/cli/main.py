@@ -43,25 +43,20 @@ def _serve(args: argparse.Namespace) -> int:
         poll_secs=args.repository_poll_secs if args.repository_poll_secs is not None else 15.0,
         preset=args.preset,
     )
-    security = {
-        "grpc_tls_cert": args.grpc_tls_cert, "grpc_tls_key": args.grpc_tls_key,
-        "grpc_tls_client_ca": args.grpc_tls_client_ca, "grpc_token_file": args.grpc_token_file,
-    }
-    if args.grpc_port is None and any(v is not None for v in security.values()):
-        print("kernelport: the --grpc-tls-* and --grpc-token-file options need --grpc-port", file=sys.stderr)
-        return 2
-    http_security = {
-        "http_tls_cert": args.http_tls_cert, "http_tls_key": args.http_tls_key,
-        "http_tls_client_ca": args.http_tls_client_ca, "http_token_file": args.http_token_file,
-    }
-    if args.http_port is None and any(v is not None for v in http_security.values()):
-        print("kernelport: the --http-tls-* and --http-token-file options need --http-port", file=sys.stderr)
-        return 2
+    security: dict[str, str | None] = {}
+    for proto in ("grpc", "http"):  # the same TLS and token options for each front end
+        opts = {f"{proto}_{k}": getattr(args, f"{proto}_{k}") for k in ("tls_cert", "tls_key", "tls_client_ca",
+                                                                          "token_file")}
+        if getattr(args, f"{proto}_port") is None and any(v is not None for v in opts.values()):
+            print(f"kernelport: the --{proto}-tls-* and --{proto}-token-file options need --{proto}-port",
+                  file=sys.stderr)
+            return 2
+        security.update(opts)
     try:
         serve_forever(options, grpc_port=args.grpc_port, grpc_host=args.grpc_host,
-                      allow_client_shm=args.allow_client_shm, **security, http_port=args.http_port,
+                      allow_client_shm=args.allow_client_shm, http_port=args.http_port,
                       http_host=args.http_host, http_max_body_bytes=int(args.http_max_body_mb * (1 << 20)),
-                      **http_security)
+                      **security)
     except KernelPortError as e:
         print(f"kernelport: {e}", file=sys.stderr)
         return 2
