@@ -23,6 +23,7 @@ KernelPort client only; tritonclient inside the gRPC requesters).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier
@@ -130,3 +131,20 @@ def _run_load(job: LoadRun, target: Target, index: int,
         return ("ok", start, end, np.asarray(latencies, dtype=np.int64).tobytes(), errors)
     finally:
         requester.close()
+
+
+def stop_clients(conns: Sequence[Connection], procs: Sequence[Any]) -> None:
+    """Tell every client process to leave (a None on its pipe), wait for it, kill what does not leave,
+    close the pipes."""
+    for c in conns:
+        try:
+            c.send(None)
+        except OSError:
+            pass
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.terminate()
+            p.join(5)
+    for c in conns:
+        c.close()

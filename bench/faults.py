@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from _bench_clients import stop_clients
 from kernelport.server.process import ServerProcess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -274,15 +275,7 @@ class Clients:
         return arrays, dict(others)
 
     def close(self) -> None:
-        for c in self.conns:
-            try:
-                c.send(None)
-            except OSError:
-                pass
-        for p in self.procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
+        stop_clients(self.conns, self.procs)
 
 
 # ---- measuring ---------------------------------------------------------------------------------------

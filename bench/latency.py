@@ -72,6 +72,7 @@ from _bench_clients import (
     Target,
     client_process_main,
     make_inputs,
+    stop_clients,
 )
 from _bench_models import BACKEND_MODELS, FLOORS, build_backend_models, load_weights, reference
 from kernelport import Client
@@ -465,18 +466,7 @@ class ClientPool:
         return [(int(r[1]), int(r[2]), np.frombuffer(r[3], dtype=np.int64), dict(r[4])) for r in replies]
 
     def close(self) -> None:
-        for c in self.conns:
-            try:
-                c.send(None)
-            except OSError:
-                pass
-        for p in self.procs:
-            p.join(10)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-        for c in self.conns:
-            c.close()
+        stop_clients(self.conns, self.procs)
 
 
 def bench_concurrency_n(model: str, info: Mapping[str, Any], paths: Sequence[PathSpec], pool: ClientPool,
