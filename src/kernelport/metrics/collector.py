@@ -255,8 +255,7 @@ class Collector:
         batches = int(lane.get("batches", 0))
         capacity = batches * max(1, spec_max)
         fam.occupancy.add(int(lane.get("rows", 0)) / capacity if capacity else 0.0, labels)
-        tenants = rt.tenant_counters() if hasattr(rt, "tenant_counters") else {}
-        for tenant, counts in sorted(tenants.items()):
+        for tenant, counts in sorted(rt.tenant_counters().items()):
             fam.tenant_requests.add(int(counts.get("claims", 0)), {**labels, "tenant": tenant})
             fam.tenant_rows.add(int(counts.get("rows", 0)), {**labels, "tenant": tenant})
 

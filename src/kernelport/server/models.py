@@ -181,10 +181,9 @@ class ModelRuntime:
         self.crashes: list[float] = []  # monotonic times of recent worker crashes
         self.worker_crashes = 0  # workers that exited on their own since the model was loaded (metrics)
         self.restarts = 0  # restarts after a crash since the model was loaded (metrics)
-        # counters of the lanes evicted since the workers started, so that counters() never goes back
-        self.evicted_counters: dict[str, int] = dict.fromkeys(LANE_COUNTERS, 0)
         self.unloaded = False  # unloaded on request: not counted in the server's readiness
         self.tenants = TenantClasses(SchedulingPolicy())
+        # counters of the lanes evicted since the workers started, by tenant, so that counters never go back
         self.evicted_tenant_counters: dict[str, dict[str, int]] = {}
         self.placements: list[Any] = []  # kernelport.gpu.placement.WorkerPlacement, one per worker
         self._ledger_token = 0
@@ -296,7 +295,7 @@ class ModelRuntime:
         max_rows = max(1, spec.max_batch_size)
         stats_seg = _kpcore.Segment.create(_kpcore.StatsBlock.required_size(max_rows), f"kp-{self.name}-stats")
         self.stats = _kpcore.StatsBlock(stats_seg, max_rows, init=True)
-        self.evicted_counters = dict.fromkeys(LANE_COUNTERS, 0)  # lane counters start again with the stats
+        self.evicted_tenant_counters = {}  # lane counters start again with the stats
         policy = batch_policy(spec, self.options.commit_timeout)
         policy.update(_policy_overrides(spec.parameters))
         for w in self.workers:
@@ -504,7 +503,6 @@ class ModelRuntime:
             lane.seal()
             by_tenant = self.evicted_tenant_counters.setdefault(entry.tenant, {})
             for k, v in lane.counters().items():
-                self.evicted_counters[k] = self.evicted_counters.get(k, 0) + int(v)
                 by_tenant[k] = by_tenant.get(k, 0) + int(v)
             del self.lanes[key]
             log.debug("model '%s': evicted idle lane %d", self.name, entry.layout.lane_id)
@@ -582,12 +580,11 @@ class ModelRuntime:
         return out
 
     def counters(self) -> dict[str, int]:
-        with self.lock:
-            total = dict(self.evicted_counters)
-            lanes = list(self.lanes.values())
-        for lane in lanes:
-            for k, v in lane.view.lane.counters().items():
-                total[k] = total.get(k, 0) + int(v)
+        """Lane counters summed over every tenant (evicted lanes included)."""
+        total = dict.fromkeys(LANE_COUNTERS, 0)
+        for counts in self.tenant_counters().values():
+            for k, v in counts.items():
+                total[k] = total.get(k, 0) + v
         return total
 
 
