@@ -46,7 +46,14 @@ extensions = [
         ["src/_kpcore/core.pyx"],
         include_dirs=["src/_kpcore/include"],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
-    )
+    ),
+    Extension(  # the native gRPC transport (HTTP/2 + HPACK in C, one epoll thread)
+        "_kpcore.h2",
+        ["src/_kpcore/h2.pyx"],
+        include_dirs=["src/_kpcore/include"],
+        extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+        extra_link_args=["-pthread"],
+    ),
 ]
 
 setup(
