@@ -41,6 +41,7 @@ cdef extern from "kp_h2.h" nogil:
     int kp_h2_respond(kp_h2_server *s, uint64_t call_id, const uint8_t *data, size_t len, int has_data,
                       int status, const char *msg, size_t mlen)
     int kp_h2_send(kp_h2_server *s, uint64_t call_id, const uint8_t *data, size_t len, size_t *backlog)
+    long long kp_h2_backlog(kp_h2_server *s, uint64_t call_id)
     void kp_h2_consumed(kp_h2_server *s, uint64_t call_id, uint32_t n)
     int kp_h2_active(kp_h2_server *s, uint64_t call_id)
     void kp_h2_peer(kp_h2_server *s, uint64_t call_id, char *out, size_t cap)

@@ -151,6 +151,10 @@ cdef class H2Server:
             rc = kp_h2_send(self.s, call_id, p, n, &backlog)
         return <long long>backlog if rc == 1 else -1
 
+    def backlog(self, uint64_t call_id) -> int:
+        """Bytes of a streaming response waiting for the peer's window; -1 when the call is gone."""
+        return kp_h2_backlog(self.s, call_id)
+
     def consumed(self, uint64_t call_id, uint32_t nbytes) -> None:
         kp_h2_consumed(self.s, call_id, nbytes)
 

@@ -1608,6 +1608,16 @@ static int kp_h2_send(kp_h2_server *s, uint64_t call_id, const uint8_t *data, si
     return 1;
 }
 
+/* Bytes of a streaming response not yet framed (waiting for the peer's window); -1 when the call is gone. */
+static long long kp_h2_backlog(kp_h2_server *s, uint64_t call_id) {
+    kp_h2_conn *c;
+    kp_h2_stream *st = kp_h2_lookup(s, call_id, &c);
+    if (!st) return -1;
+    long long n = st->pend ? (long long)(st->pend_len - st->pend_off) : 0;
+    pthread_mutex_unlock(&c->mu);
+    return n;
+}
+
 /* Python took n bytes of a streaming call's messages: give the peer that much stream window back. */
 static void kp_h2_consumed(kp_h2_server *s, uint64_t call_id, uint32_t n) {
     kp_h2_conn *c;

@@ -56,7 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
         serve_forever(options, grpc_port=args.grpc_port, grpc_host=args.grpc_host,
                       allow_client_shm=args.allow_client_shm, http_port=args.http_port,
                       http_host=args.http_host, http_max_body_bytes=int(args.http_max_body_mb * (1 << 20)),
-                      **security)
+                      grpc_engine=args.grpc_engine, **security)
     except KernelPortError as e:
         print(f"kernelport: {e}", file=sys.stderr)
         return 2
@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--examples", action="store_true", help="first write the bundled example models into the repository")
     s.add_argument("--grpc-port", type=int, default=None, help="serve gRPC (KServe v2) on this port")
     s.add_argument("--grpc-host", default="127.0.0.1")
+    s.add_argument("--grpc-engine", choices=["native", "grpcio"], default=None,
+                   help="the gRPC server: native (HTTP/2 in C, plaintext) or grpcio (Python grpcio; always used "
+                        "with TLS); default: $KERNELPORT_GRPC_ENGINE, else grpcio")
     s.add_argument("--allow-client-shm", action="store_true", help="let gRPC clients register shared memory")
     s.add_argument("--http-port", type=int, default=None,
                    help="serve HTTP/REST (KServe v2) and Prometheus /metrics on this port")

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import queue
 import struct
 import threading
@@ -58,7 +59,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from kernelport.client.lanes import Cancellation
-from kernelport.errors import InvalidInputError, KernelPortError, ModelNotFoundError
+from kernelport.errors import ConfigError, InvalidInputError, KernelPortError, ModelNotFoundError
 from kernelport.gpu.cuda_shm import CudaSharedMemoryRegistry
 from kernelport.protocol import auth, message_class
 from kernelport.server.scheduling import TENANT_HEADER, check_tenant
@@ -68,11 +69,13 @@ __all__ = [
     "HEALTH_SERVICE_NAME",
     "ITEMSIZE",
     "SERVICE_NAME",
+    "GRPC_ENGINES",
     "GrpcFrontendServer",
     "InferenceServicer",
     "StatusError",
     "check_byte_size",
     "fmt_shape",
+    "grpc_engine",
     "numpy_dtype",
     "parse_bytes_tensor",
     "serialize_bytes_tensor",
@@ -82,6 +85,7 @@ __all__ = [
 
 
 if TYPE_CHECKING:
+    from kernelport.protocol.grpc_native import NativeGrpcServer
     from kernelport.server.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
@@ -313,6 +317,13 @@ class InferenceServicer:
     # -- registration --------------------------------------------------------------------------------
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
+        return [
+            grpc.method_handlers_generic_handler(service, methods)
+            for service, methods in self.method_handlers().items()
+        ]
+
+    def method_handlers(self) -> dict[str, dict[str, grpc.RpcMethodHandler]]:
+        """Every RPC's handler, by service and method name (grpcio's engine and the native one share it)."""
         m = message_class
 
         def unary(
@@ -368,10 +379,7 @@ class InferenceServicer:
                 response_serializer=m("grpc.health.v1.HealthCheckResponse").SerializeToString,
             ),
         }
-        return [
-            grpc.method_handlers_generic_handler(SERVICE_NAME, methods),
-            grpc.method_handlers_generic_handler(HEALTH_SERVICE_NAME, health),
-        ]
+        return {SERVICE_NAME: methods, HEALTH_SERVICE_NAME: health}
 
     @staticmethod
     def _guard(fn: Callable[[Any, grpc.ServicerContext], T]) -> Callable[[Any, grpc.ServicerContext], T]:
@@ -1221,6 +1229,19 @@ class GrpcFrontendServer(grpc.Server):
         return self._server.wait_for_termination(timeout)
 
 
+GRPC_ENGINES = ("native", "grpcio")
+DEFAULT_GRPC_ENGINE = "grpcio"
+GRPC_ENGINE_ENV = "KERNELPORT_GRPC_ENGINE"
+
+
+def grpc_engine(engine: str | None = None) -> str:
+    """The gRPC engine to use: `engine`, else $KERNELPORT_GRPC_ENGINE, else the default."""
+    chosen = engine or os.environ.get(GRPC_ENGINE_ENV) or DEFAULT_GRPC_ENGINE
+    if chosen not in GRPC_ENGINES:
+        raise ConfigError(f"unknown gRPC engine '{chosen}' (expected one of: {', '.join(GRPC_ENGINES)})")
+    return chosen
+
+
 def serve_grpc(
     dataplane: DataPlane,
     host: str = "127.0.0.1",
@@ -1232,7 +1253,8 @@ def serve_grpc(
     reserved_shm_prefixes: tuple[str, ...] | None = None,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
-) -> GrpcFrontendServer:
+    engine: str | None = None,
+) -> GrpcFrontendServer | NativeGrpcServer:
     """Start the gRPC front end on host:port and return the started server (a `grpc.Server`).
 
     `workers` bounds the RPCs served at once; a unary infer holds one while it waits for its batch, so it
@@ -1240,9 +1262,15 @@ def serve_grpc(
     server's `port` says which). `allow_client_shm` enables the system shared-memory extension;
     `reserved_shm_prefixes` are key prefixes of the server's own segments, which clients may never
     register (default: the registry's). `credentials` (`kernelport.protocol.auth.server_credentials`)
-    makes the port TLS only; `interceptors` run before every RPC (`auth.BearerTokenInterceptor`). Raises
-    OSError when the address cannot be bound.
+    makes the port TLS only; `interceptors` run before every RPC (`auth.BearerTokenInterceptor`).
+    `engine` is "native" (the HTTP/2 transport in C, `grpc_native`) or "grpcio" (Python grpcio's server);
+    None: the `KERNELPORT_GRPC_ENGINE` environment variable, else the default (`grpc_engine`). TLS is
+    served by grpcio whichever engine is asked for. Raises OSError when the address cannot be bound.
     """
+    chosen = grpc_engine(engine)
+    if chosen == "native" and credentials is not None:
+        log.info("gRPC over TLS: served by the grpcio engine (the native engine is plaintext only)")
+        chosen = "grpcio"
     registry = (
         SharedMemoryRegistry(allowed=allow_client_shm)
         if reserved_shm_prefixes is None
@@ -1250,6 +1278,21 @@ def serve_grpc(
     )
     servicer = InferenceServicer(dataplane, registry, stream_workers=workers)
     servicer.tokens = next((i.table for i in interceptors if isinstance(i, auth.BearerTokenInterceptor)), None)
+    if chosen == "native":
+        from kernelport.protocol.grpc_native import NativeGrpcServer
+
+        try:
+            native = NativeGrpcServer(servicer, host, port, max_message_bytes, workers, interceptors)
+        except (OSError, ValueError) as exc:
+            servicer.close()
+            raise OSError(f"cannot listen for gRPC on {host}:{port}: {exc}") from None
+        native.start()
+        log.info(
+            "gRPC front end listening on %s:%d (native engine, plaintext, %d workers, max message %d bytes, "
+            "client shared memory %s)", host, native.port, workers, max_message_bytes,
+            "allowed" if allow_client_shm else "refused",
+        )  # fmt: skip
+        return native
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),

@@ -286,7 +286,8 @@ def serve_forever(options: ServerOptions, grpc_port: int | None = None, grpc_hos
                   grpc_token_file: str | None = None, http_port: int | None = None,
                   http_host: str = "127.0.0.1", http_max_body_bytes: int | None = None,
                   http_tls_cert: str | None = None, http_tls_key: str | None = None,
-                  http_tls_client_ca: str | None = None, http_token_file: str | None = None) -> None:
+                  http_tls_client_ca: str | None = None, http_token_file: str | None = None,
+                  grpc_engine: str | None = None) -> None:
     """Run until SIGINT/SIGTERM; then shut down cleanly.
 
     The gRPC TLS files and token file (`kernelport.protocol.auth`) are read before anything starts, so a
@@ -330,7 +331,8 @@ def serve_forever(options: ServerOptions, grpc_port: int | None = None, grpc_hos
             from kernelport.protocol.grpc_frontend import serve_grpc
 
             server.grpc_server = serve_grpc(server.dataplane, host=grpc_host, port=grpc_port,
-                                            allow_client_shm=allow_client_shm, **grpc_security)
+                                            allow_client_shm=allow_client_shm, engine=grpc_engine,
+                                            **grpc_security)
             log.info("gRPC (KServe v2) on %s:%d", grpc_host, grpc_port)
         if http_port is not None:
             from kernelport.protocol.http_frontend import DEFAULT_MAX_BODY_BYTES, serve_http
