@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--grpc-host", default="127.0.0.1")
     s.add_argument("--grpc-engine", choices=["native", "grpcio"], default=None,
                    help="the gRPC server: native (HTTP/2 in C, plaintext) or grpcio (Python grpcio; always used "
-                        "with TLS); default: $KERNELPORT_GRPC_ENGINE, else grpcio")
+                        "with TLS); default: $KERNELPORT_GRPC_ENGINE, else native")
     s.add_argument("--allow-client-shm", action="store_true", help="let gRPC clients register shared memory")
     s.add_argument("--http-port", type=int, default=None,
                    help="serve HTTP/REST (KServe v2) and Prometheus /metrics on this port")

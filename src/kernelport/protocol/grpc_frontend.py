@@ -1230,7 +1230,7 @@ class GrpcFrontendServer(grpc.Server):
 
 
 GRPC_ENGINES = ("native", "grpcio")
-DEFAULT_GRPC_ENGINE = "grpcio"
+DEFAULT_GRPC_ENGINE = "native"
 GRPC_ENGINE_ENV = "KERNELPORT_GRPC_ENGINE"
 
 
