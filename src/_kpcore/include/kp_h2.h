@@ -435,6 +435,19 @@ static void kp_h2_pump_all(kp_h2_server *s, kp_h2_conn *c) {
     }
 }
 
+/* Flush, and while the socket takes everything, frame more of the streams that wait (pump_all stops
+ * framing at the output high-water mark; without this a response could wait for an EPOLLOUT that never
+ * comes, the socket having taken all that was framed). */
+static void kp_h2_flush_pump(kp_h2_server *s, kp_h2_conn *c) {
+    for (;;) {
+        kp_h2_flush(s, c);
+        if (c->broken || c->olen > c->ooff) return; /* blocked: EPOLLOUT is armed */
+        size_t before = c->olen;
+        kp_h2_pump_all(s, c);
+        if (c->olen == before) return;
+    }
+}
+
 static const uint8_t kp_h2_resp_headers[] = {
     0x88, /* :status 200 (static index 8) */
     0x0f, 0x10, 16, 'a', 'p', 'p', 'l', 'i', 'c', 'a', 't', 'i', 'o', 'n', '/', 'g', 'r', 'p', 'c',
@@ -1294,7 +1307,7 @@ static void kp_h2_on_readable(kp_h2_server *s, kp_h2_conn *c) {
         memmove(c->rbuf, c->rbuf + off, c->rlen - off);
         c->rlen -= off;
     }
-    kp_h2_flush(s, c);
+    kp_h2_flush_pump(s, c);
 done:;
     int close_it = eof || c->broken;
     pthread_mutex_unlock(&c->mu);
@@ -1353,9 +1366,7 @@ static void *kp_h2_loop(void *arg) {
             uint32_t e = evs[i].events;
             if (e & EPOLLOUT) {
                 pthread_mutex_lock(&c->mu);
-                kp_h2_flush(s, c);
-                kp_h2_pump_all(s, c);
-                kp_h2_flush(s, c);
+                kp_h2_flush_pump(s, c);
                 int broken = c->broken;
                 pthread_mutex_unlock(&c->mu);
                 if (broken) {
@@ -1590,7 +1601,7 @@ static int kp_h2_respond(kp_h2_server *s, uint64_t call_id, const uint8_t *data,
     if (!st) return 0;
     st->answered = 1;
     if (kp_h2_stream_write(c, st, data, len, has_data, 1, status, msg, mlen)) kp_h2_finish_stream(s, c, st);
-    kp_h2_flush(s, c);
+    kp_h2_flush_pump(s, c);
     pthread_mutex_unlock(&c->mu);
     return 1;
 }
@@ -1602,7 +1613,7 @@ static int kp_h2_send(kp_h2_server *s, uint64_t call_id, const uint8_t *data, si
     kp_h2_stream *st = kp_h2_lookup(s, call_id, &c);
     if (!st) return 0;
     kp_h2_stream_write(c, st, data, len, 1, 0, 0, NULL, 0);
-    kp_h2_flush(s, c);
+    kp_h2_flush_pump(s, c);
     *backlog = st->pend ? st->pend_len - st->pend_off : 0;
     pthread_mutex_unlock(&c->mu);
     return 1;
