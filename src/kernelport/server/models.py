@@ -43,6 +43,13 @@ from kernelport.server.scheduling import SchedulingPolicy, TenantClasses, check_
 
 log = logging.getLogger("kernelport.server")
 
+# How the server's own request handlers (gRPC, HTTP) wait for their batch: a short spin, then sleep; no
+# yielding. Dozens of handler threads yielding on a few cores take the CPU the worker and the other handlers
+# need: at 16 gRPC calls in flight on two cores, 6,300-6,400 add_sub/s against 5,000-5,500/s with the
+# lanes' default (2,000 pauses, then 50 us of sched_yield), for ~10 us more at one call in flight
+# (docs/benchmarks.md, 22:32). Local clients and workers keep their own settings.
+SERVER_WAIT_SPIN = (200, 0.0)  # (pause iterations, seconds of sched_yield)
+
 READY = "READY"
 LOADING = "LOADING"
 UNAVAILABLE = "UNAVAILABLE"
@@ -553,6 +560,7 @@ class ModelRuntime:
         log.debug("model '%s': lane %d for %s (%d bytes)", self.name, lane_id, shapes, size)
         seg = _kpcore.Segment.create(size, f"kp-{self.name}-lane{lane_id}")
         view = LaneView.attach(layout, seg, self.doorbell, init=True)
+        view.lane.set_spin(*SERVER_WAIT_SPIN)
         if level in self.level_queues:
             view.lane.set_queue_level(level)
         for w in self.workers:
