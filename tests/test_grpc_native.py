@@ -486,3 +486,30 @@ def test_many_connections_and_streams(native: ServerProcess) -> None:
         for c in conns:
             c.close()
     assert live_on_new_connection(native.grpc_port)
+
+
+def test_streams_beyond_the_limit_are_refused(native: ServerProcess) -> None:
+    """SETTINGS_MAX_CONCURRENT_STREAMS is 1,024: the 1,025th open stream gets RST_STREAM REFUSED_STREAM, and
+    the connection serves again once streams end."""
+    conn = H2Conn(native.grpc_port)
+    try:
+        sids = [conn.request(LIVE, None, end=False) for _ in range(1025)]  # HEADERS only: requests still open
+        reply = conn.wait(sids[-1])
+        assert reply.reset == 7 and not reply.headers  # REFUSED_STREAM, nothing else
+        for sid in sids[:-1]:
+            conn.send(frame(RST, 0, sid, (8).to_bytes(4, "big")))
+        assert conn.live()
+    finally:
+        conn.close()
+
+
+def test_request_trailers_without_a_message_fail_that_stream_only(native: ServerProcess) -> None:
+    conn = H2Conn(native.grpc_port)
+    try:
+        sid = conn.request(METADATA, None, end=False)  # request headers, no message yet
+        conn.send(frame(HEADERS, END_HEADERS | END_STREAM, sid, literal("x-trailer", "1")))  # trailers: the end
+        reply = conn.wait(sid)
+        assert reply.status == 13  # INTERNAL: the request ended without its message
+        assert conn.live()
+    finally:
+        conn.close()

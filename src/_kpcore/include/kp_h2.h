@@ -71,6 +71,7 @@ enum { KP_H2_Q_CALLS = 0, KP_H2_Q_EVENTS = 1 };
 #define KP_H2_MAX_HEADER_BLOCK (256u << 10)   /* coded header block bytes (HEADERS + CONTINUATION) */
 #define KP_H2_OUT_HIGH (4u << 20)             /* stop framing response DATA above this much unsent */
 #define KP_H2_DEFAULT_WINDOW 65535u
+#define KP_H2_PREFACE_TIMEOUT 10.0           /* seconds to send the connection preface and SETTINGS */
 
 typedef struct kp_h2_item {
     struct kp_h2_item *next;
@@ -121,6 +122,7 @@ typedef struct kp_h2_conn {
     uint32_t gen;
     int fd;
     int open;
+    double accepted_at; /* a connection that has not sent its preface within KP_H2_PREFACE_TIMEOUT closes */
     char peer[64];
     /* input (loop thread only) */
     uint8_t *rbuf;
@@ -624,6 +626,8 @@ static void kp_h2_accept(kp_h2_server *s) {
         pthread_mutex_lock(&c->mu);
         c->fd = fd;
         c->open = 1;
+        c->accepted_at = kp_h2_now();
+        if (c->accepted_at + KP_H2_PREFACE_TIMEOUT < s->next_scan) s->next_scan = c->accepted_at + KP_H2_PREFACE_TIMEOUT;
         c->preface_ok = c->settings_seen = 0;
         c->out_armed = 0;
         c->broken = 0;
@@ -807,6 +811,10 @@ static void kp_h2_on_headers(kp_h2_server *s, kp_h2_conn *c) {
     kp_h2_stream *st = kp_h2_find(c, sid);
     if (st) { /* trailers from the client: only END_STREAM matters */
         free(h.meta);
+        if (st->remote_closed) { /* HEADERS on a half-closed stream (RFC 9113 5.1: STREAM_CLOSED) */
+            kp_h2_fail_stream(s, c, st, KP_G_INTERNAL, "HEADERS after END_STREAM");
+            return;
+        }
         if (!end_stream) {
             kp_h2_fail_stream(s, c, st, KP_G_INTERNAL, "request trailers without END_STREAM");
             return;
@@ -1314,12 +1322,20 @@ done:;
     if (close_it) kp_h2_conn_close(s, c);
 }
 
-/* Deadlines: a call past its deadline is answered DEADLINE_EXCEEDED and cancelled. */
+/* Deadlines: a call past its deadline is answered DEADLINE_EXCEEDED and cancelled; a connection that has
+ * not completed its preface in time is closed. */
 static void kp_h2_scan_deadlines(kp_h2_server *s, double now) {
     double next = now + 3600;
     for (int i = 0; i < s->max_conns; i++) {
         kp_h2_conn *c = &s->conns[i];
         if (!c->open) continue;
+        if (!c->settings_seen) {
+            if (now - c->accepted_at >= KP_H2_PREFACE_TIMEOUT) {
+                kp_h2_conn_close(s, c);
+                continue;
+            }
+            if (c->accepted_at + KP_H2_PREFACE_TIMEOUT < next) next = c->accepted_at + KP_H2_PREFACE_TIMEOUT;
+        }
         pthread_mutex_lock(&c->mu);
         kp_h2_stream *st = c->streams;
         int wrote = 0;
