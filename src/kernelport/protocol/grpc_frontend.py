@@ -1,5 +1,9 @@
 """The gRPC front end: Triton's `inference.GRPCInferenceService` and `grpc.health.v1.Health`, over a DataPlane.
 
+Two engines serve it (`serve_grpc(engine=...)`, `--grpc-engine`, `KERNELPORT_GRPC_ENGINE`): "native", the
+HTTP/2 transport in C (`kernelport.protocol.grpc_native`, the default for plaintext), and "grpcio", Python
+grpcio's server (always used with TLS). Both run the handlers of `InferenceServicer.method_handlers()`.
+
 Messages come from KernelPort's private descriptor pool (`kernelport.protocol.message_class`), so the
 service is registered with generic handlers, never generated `_pb2_grpc` code. Everything model-specific goes
 through the transport-independent `DataPlane` (docs/internals.md); this module only translates the wire:
