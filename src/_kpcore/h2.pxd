@@ -37,6 +37,7 @@ cdef extern from "kp_h2.h" nogil:
     void kp_h2_stop(kp_h2_server *s)
     void kp_h2_free(kp_h2_server *s)
     kp_h2_item *kp_h2_next(kp_h2_server *s, int q)
+    kp_h2_item *kp_h2_try_next(kp_h2_server *s, int q)
     void kp_h2_item_free(kp_h2_item *it)
     int kp_h2_respond(kp_h2_server *s, uint64_t call_id, const uint8_t *data, size_t len, int has_data,
                       int status, const char *msg, size_t mlen)

@@ -99,9 +99,10 @@ cdef class H2Server:
     def next_call(self):
         """(call_id, method, metadata, deadline or None, message bytes) of a unary-request call; None when
         the server has stopped."""
-        cdef kp_h2_item *it
-        with nogil:
-            it = kp_h2_next(self.s, KP_H2_Q_CALLS)
+        cdef kp_h2_item *it = kp_h2_try_next(self.s, KP_H2_Q_CALLS)
+        if it == NULL:  # wait with the GIL released (only then: releasing it costs a hand-off)
+            with nogil:
+                it = kp_h2_next(self.s, KP_H2_Q_CALLS)
         if it == NULL:
             return None
         try:
@@ -137,8 +138,11 @@ cdef class H2Server:
                 data = bytes(data)
             p = <const uint8_t *>PyBytes_AS_STRING(data)
             n = PyBytes_GET_SIZE(data)
-        with nogil:
+        if n < 65536:  # a short copy and a non-blocking send: cheaper than handing the GIL to another thread
             rc = kp_h2_respond(self.s, call_id, p, n, has, status, m, mlen)
+        else:
+            with nogil:
+                rc = kp_h2_respond(self.s, call_id, p, n, has, status, m, mlen)
         return rc == 1
 
     def send(self, uint64_t call_id, bytes data) -> int:

@@ -239,6 +239,18 @@ static kp_h2_item *kp_h2_next(kp_h2_server *s, int q) {
     return it;
 }
 
+/* The next item if one is queued, else NULL at once (lets a caller holding the GIL skip releasing it). */
+static kp_h2_item *kp_h2_try_next(kp_h2_server *s, int q) {
+    pthread_mutex_lock(&s->qmu);
+    kp_h2_item *it = s->qhead[q];
+    if (it) {
+        s->qhead[q] = it->next;
+        if (!s->qhead[q]) s->qtail[q] = NULL;
+    }
+    pthread_mutex_unlock(&s->qmu);
+    return it;
+}
+
 static void kp_h2_item_free(kp_h2_item *it) {
     if (!it) return;
     free(it->meta);
