@@ -114,9 +114,10 @@ cdef class H2Server:
 
     def next_event(self):
         """(kind, call_id, method, metadata, deadline, data) of a streaming call's event; None when stopped."""
-        cdef kp_h2_item *it
-        with nogil:
-            it = kp_h2_next(self.s, KP_H2_Q_EVENTS)
+        cdef kp_h2_item *it = kp_h2_try_next(self.s, KP_H2_Q_EVENTS)
+        if it == NULL:
+            with nogil:
+                it = kp_h2_next(self.s, KP_H2_Q_EVENTS)
         if it == NULL:
             return None
         try:
@@ -151,8 +152,11 @@ cdef class H2Server:
         cdef int rc
         cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(data)
         cdef size_t n = PyBytes_GET_SIZE(data)
-        with nogil:
+        if n < 65536:
             rc = kp_h2_send(self.s, call_id, p, n, &backlog)
+        else:
+            with nogil:
+                rc = kp_h2_send(self.s, call_id, p, n, &backlog)
         return <long long>backlog if rc == 1 else -1
 
     def backlog(self, uint64_t call_id) -> int:
