@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import socket
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -270,6 +271,9 @@ def test_tritonclient_unary_stream_and_errors(native: ServerProcess) -> None:
         r = c.infer("add_sub", inputs, headers={"x-custom": "1"})
         np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a + b)
         np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), a - b)
+        for algorithm in ("gzip", "deflate"):  # compressed requests, as grpcio's server takes them
+            r = c.infer("add_sub", inputs, compression_algorithm=algorithm)
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a + b)
         with pytest.raises(InferenceServerException) as err:
             c.get_model_metadata("no_such_model")
         assert err.value.status() == "StatusCode.NOT_FOUND" and "no_such_model" in err.value.message()
@@ -312,7 +316,20 @@ def test_raw_client_unary_and_ping(native: ServerProcess) -> None:
         assert conn.wait(conn.request("/inference.GRPCInferenceService/NoSuchRpc")).status == 12
         sid = conn.request(LIVE, None, end=False)
         conn.send(frame(DATA, END_STREAM, sid, grpc_message(b"xx", flag=1)))
-        assert conn.wait(sid).status == 12  # UNIMPLEMENTED: compressed messages
+        assert conn.wait(sid).status == 13  # INTERNAL: the compressed flag without a grpc-encoding
+        sid = conn.request(LIVE, None, literal("grpc-encoding", "br"))
+        assert conn.wait(sid).status == 12  # UNIMPLEMENTED: an encoding the server does not know
+        # gzip and deflate requests are inflated; a message that does not inflate is INTERNAL
+        for wbits, name in ((31, "gzip"), (15, "deflate")):
+            packer = zlib.compressobj(wbits=wbits)
+            packed = packer.compress(b"") + packer.flush()
+            sid = conn.request(LIVE, None, literal("grpc-encoding", name), end=False)
+            conn.send(frame(DATA, END_STREAM, sid, grpc_message(packed, flag=1)))
+            reply = conn.wait(sid)
+            assert reply.status == 0 and reply.data[5:] == b"\x08\x01", name
+        sid = conn.request(LIVE, None, literal("grpc-encoding", "gzip"), end=False)
+        conn.send(frame(DATA, END_STREAM, sid, grpc_message(b"not gzip", flag=1)))
+        assert conn.wait(sid).status == 13
         # a message larger than the maximum (2^31 - 1 by default) is refused from its prefix alone
         sid = conn.request(LIVE, None, end=False)
         conn.send(frame(DATA, 0, sid, b"\x00\xff\xff\xff\xff"))

@@ -11,6 +11,8 @@ cdef extern from "kp_h2.h" nogil:
         KP_H2_CANCEL
         KP_H2_Q_CALLS
         KP_H2_Q_EVENTS
+        KP_H2_ENC_GZIP
+        KP_H2_ENC_DEFLATE
 
     ctypedef struct kp_h2_item:
         int kind
@@ -21,6 +23,7 @@ cdef extern from "kp_h2.h" nogil:
         uint32_t meta_len
         uint8_t *data
         uint32_t len
+        int compressed
 
     ctypedef struct kp_h2_server:
         int port

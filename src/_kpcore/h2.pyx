@@ -20,6 +20,8 @@ START = KP_H2_START
 MSG = KP_H2_MSG
 HALF_CLOSE = KP_H2_HALF_CLOSE
 CANCEL = KP_H2_CANCEL
+GZIP = KP_H2_ENC_GZIP
+DEFLATE = KP_H2_ENC_DEFLATE
 
 
 cdef object _metadata(const char *meta, uint32_t n):
@@ -97,8 +99,8 @@ cdef class H2Server:
             kp_h2_stop(self.s)
 
     def next_call(self):
-        """(call_id, method, metadata, deadline or None, message bytes) of a unary-request call; None when
-        the server has stopped."""
+        """(call_id, method, metadata, deadline or None, message bytes, compressed) of a unary-request
+        call (compressed: 0, GZIP or DEFLATE); None when the server has stopped."""
         cdef kp_h2_item *it = kp_h2_try_next(self.s, KP_H2_Q_CALLS)
         if it == NULL:  # wait with the GIL released (only then: releasing it costs a hand-off)
             with nogil:
@@ -108,12 +110,14 @@ cdef class H2Server:
         try:
             return (it.call_id, it.method, _metadata(it.meta, it.meta_len),
                     it.deadline if it.deadline > 0 else None,
-                    PyBytes_FromStringAndSize(<char *>it.data, it.len) if it.data != NULL else b"")
+                    PyBytes_FromStringAndSize(<char *>it.data, it.len) if it.data != NULL else b"",
+                    it.compressed)
         finally:
             kp_h2_item_free(it)
 
     def next_event(self):
-        """(kind, call_id, method, metadata, deadline, data) of a streaming call's event; None when stopped."""
+        """(kind, call_id, method, metadata, deadline, data, compressed) of a streaming call's event; None
+        when stopped."""
         cdef kp_h2_item *it = kp_h2_try_next(self.s, KP_H2_Q_EVENTS)
         if it == NULL:
             with nogil:
@@ -123,7 +127,8 @@ cdef class H2Server:
         try:
             meta = _metadata(it.meta, it.meta_len) if it.meta != NULL else ()
             data = PyBytes_FromStringAndSize(<char *>it.data, it.len) if it.data != NULL else None
-            return (it.kind, it.call_id, it.method, meta, it.deadline if it.deadline > 0 else None, data)
+            return (it.kind, it.call_id, it.method, meta, it.deadline if it.deadline > 0 else None, data,
+                    it.compressed)
         finally:
             kp_h2_item_free(it)
 

@@ -63,6 +63,8 @@ enum { KP_G_OK = 0, KP_G_CANCELLED = 1, KP_G_UNKNOWN = 2, KP_G_DEADLINE = 4, KP_
 /* queue item kinds */
 enum { KP_H2_CALL = 1, KP_H2_START = 2, KP_H2_MSG = 3, KP_H2_HALF_CLOSE = 4, KP_H2_CANCEL = 5 };
 enum { KP_H2_Q_CALLS = 0, KP_H2_Q_EVENTS = 1 };
+/* request message encodings (grpc-encoding); the transport only frames them, Python inflates */
+enum { KP_H2_ENC_IDENTITY = 0, KP_H2_ENC_GZIP = 1, KP_H2_ENC_DEFLATE = 2, KP_H2_ENC_OTHER = -1 };
 
 /* limits and what we advertise */
 #define KP_H2_MAX_FRAME (1u << 20)            /* SETTINGS_MAX_FRAME_SIZE we accept */
@@ -83,6 +85,7 @@ typedef struct kp_h2_item {
     uint32_t meta_len;
     uint8_t *data;   /* the message (CALL, MSG), malloc'd */
     uint32_t len;
+    int compressed;  /* the message is compressed with the call's grpc-encoding (KP_H2_ENC_*) */
 } kp_h2_item;
 
 typedef struct kp_h2_stream {
@@ -95,6 +98,9 @@ typedef struct kp_h2_stream {
     int dispatched;     /* Python knows the call */
     int answered;       /* Python gave its status (kp_h2_respond) */
     int failed;         /* the transport answered with an error; ignore further DATA */
+    int encoding;       /* KP_H2_ENC_* of the request's grpc-encoding */
+    int msg_compressed; /* the message being assembled has the compressed flag */
+    int umsg_compressed;
     int headers_sent;
     int64_t send_window;
     int64_t recv_window;
@@ -706,7 +712,7 @@ typedef struct {
     int content_grpc;
     int have_path;
     double timeout;     /* seconds; < 0 none */
-    int compressed_ok;  /* grpc-encoding absent or identity */
+    int encoding;       /* KP_H2_ENC_* */
 } kp_h2_hdrs;
 
 static int kp_h2_meta_add(kp_h2_hdrs *h, const char *name, uint32_t nlen, const char *value, uint32_t vlen) {
@@ -788,7 +794,10 @@ static int kp_h2_header_sink(void *arg, const char *name, uint32_t nlen, const c
         return 0;
     }
     if (kp_h2_eq(name, nlen, "grpc-encoding")) {
-        h->compressed_ok = kp_h2_eq(value, vlen, "identity");
+        h->encoding = kp_h2_eq(value, vlen, "identity") ? KP_H2_ENC_IDENTITY
+                      : kp_h2_eq(value, vlen, "gzip")   ? KP_H2_ENC_GZIP
+                      : kp_h2_eq(value, vlen, "deflate") ? KP_H2_ENC_DEFLATE
+                                                          : KP_H2_ENC_OTHER;
         return 0;
     }
     if (kp_h2_eq(name, nlen, "te") || kp_h2_eq(name, nlen, "grpc-accept-encoding")) return 0;
@@ -811,7 +820,7 @@ static void kp_h2_on_headers(kp_h2_server *s, kp_h2_conn *c) {
     memset(&h, 0, sizeof(h));
     h.s = s;
     h.timeout = -1;
-    h.compressed_ok = 1;
+    h.encoding = KP_H2_ENC_IDENTITY;
     int rc = kp_hpack_decode(&c->dyn, c->hblock, c->hlen, kp_h2_header_sink, &h);
     c->hlen = 0;
     c->in_headers = 0;
@@ -891,10 +900,12 @@ static void kp_h2_on_headers(kp_h2_server *s, kp_h2_conn *c) {
         kp_h2_fail_stream(s, c, st, KP_G_UNIMPLEMENTED, msg);
         return;
     }
-    if (!h.compressed_ok) {
-        kp_h2_fail_stream(s, c, st, KP_G_UNIMPLEMENTED, "compressed requests are not supported (grpc-encoding)");
+    if (h.encoding == KP_H2_ENC_OTHER) {
+        kp_h2_fail_stream(s, c, st, KP_G_UNIMPLEMENTED,
+                          "grpc-encoding not supported (identity, gzip and deflate are)");
         return;
     }
+    st->encoding = h.encoding;
     if (h.timeout >= 0) {
         st->deadline = kp_h2_now() + h.timeout;
         if (st->deadline < s->next_scan) s->next_scan = st->deadline;
@@ -944,6 +955,7 @@ static void kp_h2_deliver_unary(kp_h2_server *s, kp_h2_conn *c, kp_h2_stream *st
     it->meta_len = st->meta_len;
     it->data = st->umsg;
     it->len = st->umsg_len;
+    it->compressed = st->umsg_compressed;
     st->meta = NULL;
     st->umsg = NULL;
     st->dispatched = 1;
@@ -964,12 +976,13 @@ static int kp_h2_on_message_bytes(kp_h2_server *s, kp_h2_conn *c, kp_h2_stream *
             n -= take;
             if (st->pfx_have < 5) return 0;
             uint32_t len = kp_h2_u32(st->pfx + 1);
-            if (st->pfx[0] != 0) {
-                kp_h2_fail_stream(s, c, st, st->pfx[0] == 1 ? KP_G_UNIMPLEMENTED : KP_G_INTERNAL,
-                                  st->pfx[0] == 1 ? "compressed messages are not supported"
-                                                  : "invalid message flags");
+            if (st->pfx[0] > 1 || (st->pfx[0] == 1 && st->encoding == KP_H2_ENC_IDENTITY)) {
+                kp_h2_fail_stream(s, c, st, KP_G_INTERNAL,
+                                  st->pfx[0] > 1 ? "invalid message flags"
+                                                 : "a compressed message without a grpc-encoding");
                 return -1;
             }
+            st->msg_compressed = st->pfx[0] == 1 ? st->encoding : 0;
             if ((uint64_t)len > s->max_msg) {
                 char msg[160];
                 snprintf(msg, sizeof(msg), "Received message larger than max (%u vs. %llu)", len,
@@ -1006,10 +1019,12 @@ static int kp_h2_on_message_bytes(kp_h2_server *s, kp_h2_conn *c, kp_h2_stream *
                 }
                 it->data = st->msg;
                 it->len = st->msg_len;
+                it->compressed = st->msg_compressed;
                 kp_h2_push(s, KP_H2_Q_EVENTS, it);
             } else {
                 st->umsg = st->msg;
                 st->umsg_len = st->msg_len;
+                st->umsg_compressed = st->msg_compressed;
             }
             st->msg = NULL;
             st->msg_len = st->msg_have = 0;

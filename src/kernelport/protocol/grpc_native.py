@@ -17,7 +17,8 @@ What a handler sees of its context: `invocation_metadata()`, `time_remaining()`,
 `is_active()`, `abort()` / `abort_with_status()`, `set_code()` / `set_details()`, `peer()`, `cancel()`.
 Status codes and messages follow grpcio's: an unknown method is UNIMPLEMENTED, a handler that raises
 anything but an abort is UNKNOWN ("Exception calling application: ..."), a request that does not parse
-is INTERNAL. TLS is not part of this engine: with TLS configured, `serve_grpc` uses grpcio.
+is INTERNAL. gzip and deflate requests are inflated here (zlib releases the GIL), bounded by the max
+message bytes. TLS is not part of this engine: with TLS configured, `serve_grpc` uses grpcio.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import logging
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from _kpcore.h2 import CANCEL, HALF_CLOSE, MSG, START, H2Server
+from _kpcore.h2 import CANCEL, GZIP, HALF_CLOSE, MSG, START, H2Server
 
 if TYPE_CHECKING:
     from kernelport.protocol.grpc_frontend import InferenceServicer
@@ -157,6 +159,21 @@ def _message(details: str | None) -> bytes:
     return (details or "").encode("utf-8", "replace")
 
 
+def _inflate(data: bytes, encoding: int, limit: int) -> bytes:
+    """A gzip or deflate (zlib) request message, decompressed to at most `limit` bytes."""
+    inflater = zlib.decompressobj(wbits=31 if encoding == GZIP else 15)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error:
+        raise _Aborted(grpc.StatusCode.INTERNAL, "the compressed message could not be decompressed") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise _Aborted(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"Received message larger than max (more than {limit} bytes decompressed)")
+    if not inflater.eof:
+        raise _Aborted(grpc.StatusCode.INTERNAL, "the compressed message is truncated")
+    return out
+
+
 class NativeGrpcServer:
     """The started native engine (the interface of `GrpcFrontendServer` that the server uses)."""
 
@@ -170,6 +187,7 @@ class NativeGrpcServer:
         interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
         self.servicer = servicer
+        self._max_message = max_message_bytes
         self._interceptors = tuple(interceptors)
         self._by_path: dict[str, grpc.RpcMethodHandler] = {}
         for service, methods in servicer.method_handlers().items():
@@ -258,11 +276,11 @@ class NativeGrpcServer:
             call = h2.next_call()
             if call is None:
                 return
-            call_id, method, metadata, deadline, data = call
+            call_id, method, metadata, deadline, data, compressed = call
             ctx = _Context(self, call_id, metadata, deadline)
             self._register(ctx)
             try:
-                self._run_unary_request(ctx, method, data)
+                self._run_unary_request(ctx, method, data, compressed)
             except Exception:  # never lose the worker thread
                 log.exception("gRPC native engine: call failed")
                 h2.respond(call_id, None, _status(grpc.StatusCode.INTERNAL), b"internal error")
@@ -274,7 +292,7 @@ class NativeGrpcServer:
                         self._lock.notify_all()
                 ctx.end()
 
-    def _run_unary_request(self, ctx: _Context, method: int, data: bytes) -> None:
+    def _run_unary_request(self, ctx: _Context, method: int, data: bytes, compressed: int) -> None:
         h2 = self.h2
         call_id = ctx.call_id
         try:
@@ -282,6 +300,8 @@ class NativeGrpcServer:
             if handler is None:
                 h2.respond(call_id, None, _status(grpc.StatusCode.UNIMPLEMENTED), b"Method not found!")
                 return
+            if compressed:
+                data = _inflate(data, compressed, self._max_message)
             try:
                 request = handler.request_deserializer(data) if handler.request_deserializer else data
             except Exception:
@@ -343,7 +363,7 @@ class NativeGrpcServer:
             event = h2.next_event()
             if event is None:
                 return
-            kind, call_id, method, metadata, deadline, data = event
+            kind, call_id, method, metadata, deadline, data, compressed = event
             if kind == START:
                 ctx = _Context(self, call_id, metadata, deadline)
                 ctx.requests = queue.SimpleQueue()
@@ -364,7 +384,7 @@ class NativeGrpcServer:
             if ctx is None:
                 continue
             if kind == MSG and ctx.requests is not None:
-                ctx.requests.put(data)
+                ctx.requests.put((data, compressed))
             elif kind == HALF_CLOSE and ctx.requests is not None:
                 ctx.requests.put(_END)
             elif kind == CANCEL:
@@ -396,8 +416,20 @@ class NativeGrpcServer:
                         if item is _CANCELLED:
                             requests.put(_CANCELLED)  # every later read ends too
                         return
-                    h2.consumed(ctx.call_id, len(item))
-                    yield deserialize(item) if deserialize else item
+                    data, compressed = item
+                    h2.consumed(ctx.call_id, len(data))
+                    try:  # a bad message ends the call with its status (the servicer sees the stream end)
+                        if compressed:
+                            data = _inflate(data, compressed, self._max_message)
+                        request = deserialize(data) if deserialize else data
+                    except _Aborted as a:
+                        h2.respond(ctx.call_id, None, _status(a.code), _message(a.details))
+                        return
+                    except Exception:
+                        h2.respond(ctx.call_id, None, _status(grpc.StatusCode.INTERNAL),
+                                   b"Exception deserializing request!")
+                        return
+                    yield request
 
             if handler.response_streaming:
                 assert handler.stream_stream is not None
