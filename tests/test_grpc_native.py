@@ -10,6 +10,7 @@ ServerLive, on a fresh connection (and, where the connection survives, on the sa
 from __future__ import annotations
 
 import queue
+import random
 import socket
 import struct
 import zlib
@@ -530,3 +531,48 @@ def test_request_trailers_without_a_message_fail_that_stream_only(native: Server
         assert conn.live()
     finally:
         conn.close()
+
+
+def test_mutated_frames_never_take_the_server_down(native: ServerProcess) -> None:
+    """A seeded fuzz: valid exchanges (requests, pings, window updates, settings, resets), each with a few
+    bytes flipped, cut short or duplicated, over 100 connections; then the server still answers."""
+    rng = random.Random(20261129)
+    body = service_pb2.ModelMetadataRequest(name="add_sub").SerializeToString()
+    templates = [
+        frame(HEADERS, END_HEADERS, 1, request_block(METADATA)) + frame(DATA, END_STREAM, 1, grpc_message(body)),
+        frame(HEADERS, 0, 1, request_block(LIVE)[:30]) + frame(CONT, END_HEADERS, 1, request_block(LIVE)[30:])
+        + frame(DATA, END_STREAM, 1, grpc_message(b"")),
+        frame(PING, 0, 0, b"pingpong") + frame(WINDOW, 0, 0, (1000).to_bytes(4, "big"))
+        + frame(SETTINGS, 0, 0, struct.pack(">HI", 4, 100) + struct.pack(">HI", 5, 20000)),
+        frame(HEADERS, END_HEADERS | END_STREAM, 1, request_block(LIVE, literal("x-a", "b", indexed=True)))
+        + frame(HEADERS, END_HEADERS | END_STREAM, 3, request_block(LIVE) + b"\xbe")
+        + frame(RST, 0, 1, (8).to_bytes(4, "big")),
+        frame(HEADERS, END_HEADERS | 0x20 | 0x8, 1,  # PADDED and PRIORITY
+              b"\x03" + b"\x00\x00\x00\x00\x10" + request_block(LIVE) + b"\x00" * 3),
+    ]
+    for _ in range(100):
+        data = bytearray(rng.choice(templates))
+        for _ in range(rng.randint(1, 4)):
+            what = rng.random()
+            i = rng.randrange(len(data))
+            if what < 0.6:
+                data[i] ^= 1 << rng.randrange(8)
+            elif what < 0.8:
+                data = data[:i]
+            else:
+                data = data[:i] + data[i:i + rng.randint(1, 40)] + data[i:]
+            if not data:
+                data = bytearray(b"\x00")
+        conn = H2Conn(native.grpc_port)
+        try:
+            conn.send(bytes(data))
+            conn.sock.settimeout(0.2)  # many mutations leave the server waiting for the rest: that is fine
+            try:
+                conn.drain()
+            except (TimeoutError, ConnectionError, AssertionError, ValueError):
+                pass
+        finally:
+            conn.close()
+    assert live_on_new_connection(native.grpc_port)
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{native.grpc_port}") as c:
+        assert c.get_model_metadata("add_sub").name == "add_sub"
