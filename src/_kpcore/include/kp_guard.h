@@ -32,7 +32,7 @@ static int kp_guard_installed;
  * faulted and returns: the faulting access is retried on the new pages and the framework finishes its
  * call on meaningless bytes, which the worker then discards (it checks `faulted` after every run that used
  * the mapping and fails that request). mmap is a plain system call, safe to make from the handler. */
-#define KP_FENCED_MAX 256
+#define KP_FENCED_MAX 1024 /* as many as the server lets clients register */
 typedef struct {
     _Atomic(uintptr_t) start; /* 0: a free entry */
     size_t len;

@@ -35,7 +35,7 @@ from kernelport.errors import (
 from kernelport.repository import ModelSpec, load_model, load_repository, validate_model_name
 from kernelport.server.external import MAX_TENSORS as EXTERNAL_MAX_TENSORS
 from kernelport.server.external import ExternalPlace, Place
-from kernelport.server.models import READY, UNAVAILABLE, ModelRuntime, ServerOptions, scrub_paths
+from kernelport.server.models import READY, UNAVAILABLE, ModelRuntime, ServerOptions, WorkerError, scrub_paths
 from kernelport.server.shm_registry import SharedMemoryRegion
 from kernelport.server.stats import StatsSnapshot, snapshot_from_counters
 
@@ -380,7 +380,12 @@ def _bind_external(rt: ModelRuntime, layout: LaneLayout, n: int,
     for region in regions.values():
         if not region.intact():
             return None  # the copying path reports the shrunk region
-        rt.map_region(region)
+        try:
+            rt.map_region(region)
+        except WorkerError as e:  # a worker could not map it (or is gone): copy instead
+            log.warning("model '%s': shared memory region '%s' not mapped in its workers: %s", rt.name,
+                        region.name, e)
+            return None
     index = rt.external.reserve()
     if index is None:
         return None
