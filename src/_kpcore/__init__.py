@@ -9,6 +9,7 @@ from _kpcore.core import (
     MAX_TENSORS,
     NONE,
     Doorbell,
+    FencedMapping,
     Lane,
     LaneAbandoned,
     LaneDead,
@@ -27,7 +28,7 @@ from _kpcore.core import (
 )
 
 __all__ = [
-    "CONTROL", "DOORBELL_BYTES", "LANE_DEAD", "LANE_LIVE", "LANE_RETIRED", "MAX_TENSORS", "NONE",
+    "CONTROL", "DOORBELL_BYTES", "LANE_DEAD", "LANE_LIVE", "LANE_RETIRED", "MAX_TENSORS", "NONE", "FencedMapping",
     "Doorbell", "Lane", "LaneAbandoned", "LaneDead", "LaneError", "LaneExpired", "LaneFull", "LaneRetired",
     "LaneTimeout",
     "Scheduler", "Segment", "SourceFault", "StatsBlock", "guarded_copy", "next_batch", "now_ns",

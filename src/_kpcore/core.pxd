@@ -118,7 +118,7 @@ cdef extern from "kp_lane.h" nogil:
     uint64_t kp_stats_size(uint32_t max_batch)
     void kp_stats_init(kp_stats *st, uint32_t max_batch)
     void kp_complete(kp_lane_hdr *h, uint64_t seq, int32_t status, const char *errmsg, kp_stats *st,
-                     uint64_t infer_ns)
+                     uint64_t infer_ns, uint32_t samples)
     void kp_lane_set_status(kp_lane_hdr *h, uint32_t status)
 
 
@@ -150,3 +150,6 @@ cdef class Lane:
 cdef extern from "kp_guard.h" nogil:
     int kp_guard_install()
     int kp_guarded_copy(void *dst, const void *src, size_t n)
+    int kp_fenced_add(void *start, size_t len)
+    void kp_fenced_remove(int i)
+    int kp_fenced_faulted(int i)

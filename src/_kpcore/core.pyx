@@ -482,13 +482,98 @@ cdef class Lane:
     # ---- worker side ----
 
     def complete(self, uint64_t seq, int32_t status=0, str message="", StatsBlock stats=None,
-                 uint64_t infer_ns=0):
+                 uint64_t infer_ns=0, uint32_t samples=0):
         """Publish the batch's outputs (status 0) or its failure, wake its clients, and add it to
-        `stats` (its requests' queue and end-to-end times, and `infer_ns` of compute)."""
+        `stats` (its requests' queue and end-to-end times, and `infer_ns` of compute). `samples`: the
+        rows that really ran, for a request that claimed a whole slot for itself (0: the rows claimed)."""
         if status < 0:
             raise ValueError("a batch status is 0 (ok) or positive (failed)")
         cdef bytes msg = message.encode("utf-8", "replace")[:KP_ERRMSG_BYTES - 1]
-        kp_complete(self.h, seq, status, msg, stats.st if stats is not None else NULL, infer_ns)
+        kp_complete(self.h, seq, status, msg, stats.st if stats is not None else NULL, infer_ns, samples)
+
+
+cdef class FencedMapping:
+    """A client's shared-memory object mapped shared, for a framework to read and write in place (a
+    worker binding a request's tensors to the client's registered region).
+
+    The client may truncate its object at any time. A SIGBUS inside this mapping, on any thread, swaps the
+    whole mapping for private anonymous pages and sets `faulted` (kp_guard.h), so the process survives and
+    the run it happened in finishes on meaningless bytes: check `intact()` before a run and `faulted` after
+    it, and fail the request when either says so. Takes ownership of `fd`."""
+
+    cdef int fd
+    cdef char *base
+    cdef Py_ssize_t size
+    cdef int slot
+    cdef int exports
+
+    def __cinit__(self, int fd, Py_ssize_t size):
+        self.fd = -1
+        self.base = NULL
+        self.slot = -1
+        self.exports = 0
+        if size <= 0:
+            close(fd)
+            raise ValueError(f"a mapping of {size} bytes")
+        if kp_guard_install() != 0:
+            close(fd)
+            raise OSError(errno, "cannot install the SIGBUS handler")
+        cdef stat st
+        if fstat(fd, &st) != 0 or st.st_size < size:
+            close(fd)
+            raise ValueError(f"the shared memory object is smaller than the {size} bytes registered")
+        cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        if p == MAP_FAILED:
+            err = errno
+            close(fd)
+            raise OSError(err, f"cannot map {size} bytes of shared memory: {strerror(err).decode()}")
+        self.slot = kp_fenced_add(p, size)
+        if self.slot < 0:
+            munmap(p, size)
+            close(fd)
+            raise MemoryError("too many fenced mappings in this process")
+        self.fd = fd
+        self.base = <char *>p
+        self.size = size
+
+    @property
+    def address(self):
+        return <size_t>self.base
+
+    @property
+    def nbytes(self):
+        return self.size
+
+    @property
+    def faulted(self):
+        """A SIGBUS hit this mapping: its pages are no longer the client's."""
+        return bool(kp_fenced_faulted(self.slot))
+
+    def intact(self):
+        """Not faulted, and the object still covers the whole mapping (checked with fstat)."""
+        cdef stat st
+        if self.base == NULL or kp_fenced_faulted(self.slot):
+            return False
+        return fstat(self.fd, &st) == 0 and st.st_size >= self.size
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        if self.base == NULL:
+            raise ValueError("mapping is closed")
+        PyBuffer_FillInfo(buf, self, self.base, self.size, 0, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buf):
+        self.exports -= 1
+
+    def __dealloc__(self):
+        # Reached only when no view holds us (each view keeps a reference to its exporter).
+        if self.base != NULL:
+            kp_fenced_remove(self.slot)
+            munmap(self.base, self.size)
+            self.base = NULL
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
 
 
 class SourceFault(Exception):

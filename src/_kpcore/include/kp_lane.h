@@ -895,7 +895,7 @@ static inline uint64_t kp_wall_ms(void) {
 
 /* Add one finished batch to the statistics: walk its requests (first rows) and their claim times. */
 static inline void kp_stats_record(kp_stats *st, kp_lane_hdr *h, kp_slot_hdr *s, int32_t status, uint64_t infer_ns,
-                                   uint64_t done_ns) {
+                                   uint64_t done_ns, uint32_t samples) {
     kp_a64 *rows = kp_row_words(h, s);
     uint64_t *claimed = kp_claim_times(h, s);
     uint32_t *lens = kp_row_lens(h, s);
@@ -919,6 +919,8 @@ static inline void kp_stats_record(kp_stats *st, kp_lane_hdr *h, kp_slot_hdr *s,
         }
         r += n;
     }
+    /* a request that took a whole slot to itself (its tensors in a client's region) ran `samples` rows */
+    if (samples && nreq == 1 && samples <= c) c = (uint32_t)(nsamples = samples);
     if (nreq == 0) { /* every request expired or was cancelled: the batch was not run */
         if (nexpired) atomic_fetch_add_explicit(&st->fail_count, nexpired, KP_RELAXED);
         return;
@@ -944,7 +946,7 @@ static inline void kp_stats_record(kp_stats *st, kp_lane_hdr *h, kp_slot_hdr *s,
 
 /* The worker finished the batch (status 0 ok): publish outputs and wake the waiting clients. */
 static inline void kp_complete(kp_lane_hdr *h, uint64_t seq, int32_t status, const char *errmsg, kp_stats *st,
-                               uint64_t infer_ns) {
+                               uint64_t infer_ns, uint32_t samples) {
     kp_slot_hdr *s = kp_slot(h, seq);
     s->batch_status = status;
     if (status != 0) {
@@ -953,7 +955,7 @@ static inline void kp_complete(kp_lane_hdr *h, uint64_t seq, int32_t status, con
         if (n) memcpy(s->errmsg, errmsg, n);
         s->errmsg[n] = 0;
     }
-    if (st) kp_stats_record(st, h, s, status, infer_ns, kp_now_ns());
+    if (st) kp_stats_record(st, h, s, status, infer_ns, kp_now_ns(), samples);
     if (infer_ns) {
         uint64_t avg = atomic_load_explicit(&h->avg_run_ns, KP_RELAXED);
         atomic_store_explicit(&h->avg_run_ns, avg ? avg - avg / 8 + infer_ns / 8 : infer_ns, KP_RELAXED);

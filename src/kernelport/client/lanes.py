@@ -461,17 +461,27 @@ class LaneView:
             wanted: Sequence[str] | None = None,
             check_alive: Callable[[], None] | None = None, queue_timeout: float = 0.0,
             cancel: Cancellation | None = None,
-            output_sink: Callable[[str, np.ndarray], Any] | None = None, guard: bool = False) -> dict[str, Any]:
+            output_sink: Callable[[str, np.ndarray], Any] | None = None, guard: bool = False,
+            external: tuple[Any, int, Sequence[tuple[int, int, int]]] | None = None) -> dict[str, Any]:
         """One request, copying in and out. `cancel`: see Cancellation. `output_sink(name, rows)` gets each
         wanted non-BYTES output as a view of its rows, valid only during the call, and may take it
         itself (copy it where it is needed: one copy instead of two) by returning what the result should
         hold for it; None: the usual copy. `guard`: the inputs may be views of memory another process
-        can truncate (a client's registered shared memory): copy them with a SIGBUS guard."""
-        seq, row = self.claim(owner, n, timeout, model, queue_timeout)
+        can truncate (a client's registered shared memory): copy them with a SIGBUS guard.
+        `external` (server side): (table, entry, places) of a request whose tensors with a region in
+        `places` stay in a client's region (kernelport.server.external): it takes a whole slot, those
+        inputs are not copied and those outputs are neither copied nor returned."""
+        claimed = n if external is None else self.layout.max_batch  # a whole slot: no one shares the batch
+        in_region = () if external is None else tuple(place[0] != 0 for place in external[2])
+        seq, row = self.claim(owner, claimed, timeout, model, queue_timeout)
         committed = False
         try:
+            if external is not None and row != 0:
+                raise _kpcore.LaneAbandoned("a whole-slot claim did not start the slot")
             dst = self.rows(seq, row, n)
             for i, (t, a) in enumerate(zip(self.layout.tensors, arrays)):
+                if in_region and in_region[i]:
+                    continue  # the worker reads it in the client's region
                 if t.is_bytes:
                     bytes_codec.encode_into(dst[i], a)
                 elif guard and a.flags.c_contiguous and a.dtype == dst[i].dtype and a.nbytes == dst[i].nbytes:
@@ -482,26 +492,30 @@ class LaneView:
                                                 "while it was read") from None
                 else:
                     np.copyto(dst[i], a, casting="no")
+            if external is not None:
+                external[0].fill(external[1], self.layout.lane_id, seq, n, external[2])
             if cancel is not None:
-                if not cancel.hold(self.lane, seq, row, n, owner):
+                if not cancel.hold(self.lane, seq, row, claimed, owner):
                     raise RequestCancelledError(f"model '{model}': the request was cancelled")
                 check_alive = _both(check_alive, cancel.check)
             committed = True
-            self.wait(seq, row, n, owner, timeout, model, check_alive, commit=True)
+            self.wait(seq, row, claimed, owner, timeout, model, check_alive, commit=True)
         except BaseException:
             if cancel is not None and cancel.drop():
                 if not committed:
-                    self._release_quietly(seq, row, n, owner)
+                    self._release_quietly(seq, row, claimed, owner)
                 raise RequestCancelledError(f"model '{model}': the request was cancelled") from None
             if not committed:
-                self._release_quietly(seq, row, n, owner)
+                self._release_quietly(seq, row, claimed, owner)
             raise
         if cancel is not None and cancel.drop():  # the rows were released under us: no result
             raise RequestCancelledError(f"model '{model}': the request was cancelled")
         k = self.layout.n_inputs
         out: dict[str, Any] = {}
         try:
-            for t, v in zip(self.layout.tensors[k:], dst[k:]):
+            for j, (t, v) in enumerate(zip(self.layout.tensors[k:], dst[k:])):
+                if in_region and in_region[k + j]:
+                    continue  # the worker wrote it into the client's region
                 if wanted is None or t.name in wanted:
                     if t.is_bytes:
                         out[t.name] = bytes_codec.decode(v, v.shape[:-1])
@@ -509,7 +523,7 @@ class LaneView:
                     taken = None if output_sink is None else output_sink(t.name, v)
                     out[t.name] = v.copy() if taken is None else taken
         finally:
-            self.lane.release(seq, row, n, owner)
+            self.lane.release(seq, row, claimed, owner)
         return out
 
 

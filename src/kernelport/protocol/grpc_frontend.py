@@ -66,6 +66,7 @@ from kernelport.client.lanes import Cancellation
 from kernelport.errors import ConfigError, InvalidInputError, KernelPortError, ModelNotFoundError
 from kernelport.gpu.cuda_shm import CudaSharedMemoryRegistry
 from kernelport.protocol import auth, message_class
+from kernelport.server.external import ExternalPlace
 from kernelport.server.scheduling import TENANT_HEADER, check_tenant
 from kernelport.server.shm_registry import SharedMemoryRegion, SharedMemoryRegistry
 
@@ -741,6 +742,17 @@ class InferenceServicer:
             priority, tenant = _schedule_policy(request, tenant, name)
             to_regions = {p.name: p for p in out_plan if p.shm is not None and p.spec.datatype != "BYTES"}
             written: set[str] = set()
+            # tensors in system regions: the worker may read and write them there (server/external.py)
+            external: dict[tuple[str, str], ExternalPlace] = {}
+            for t in request.inputs:
+                ref = _shm_ref(t.parameters, "")
+                if ref is not None and isinstance(regions.get(ref.region), SharedMemoryRegion):
+                    external[("input", t.name)] = ExternalPlace(regions[ref.region], ref.offset, ref.byte_size)
+            for p in to_regions.values():
+                assert p.shm is not None
+                r = region(p.shm.region)
+                if isinstance(r, SharedMemoryRegion):
+                    external[("output", p.name)] = ExternalPlace(r, p.shm.offset, p.shm.byte_size)
 
             def into_region(out_name: str, rows: np.ndarray) -> np.ndarray | None:
                 # an output requested into a region is copied there from its rows: one copy, no bytes
@@ -755,7 +767,9 @@ class InferenceServicer:
             results = self.dp.infer(name, inputs, outputs=wanted, timeout=timeout,
                                     queue_timeout=_timeout(request, None), cancel=cancel,
                                     output_sink=into_region if to_regions else None, priority=priority,
-                                    tenant=tenant)
+                                    tenant=tenant, external=external or None)
+            written.update(out_name for (kind, out_name), place in external.items()
+                           if kind == "output" and place.written)
             del inputs  # views of shared memory must not outlive the regions' references
             resp = into if into is not None else self.ModelInferResponse()
             self._encode_outputs(spec, request, out_plan, results, region, resp, written)

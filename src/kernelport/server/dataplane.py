@@ -16,10 +16,27 @@ from typing import Any
 import numpy as np
 
 import _kpcore
-from kernelport.client.lanes import SERVER_OWNER, Cancellation, ModelInfo, check_outputs, validate_inputs
-from kernelport.errors import KernelPortError, ModelNotFoundError, ModelNotReadyError, ServerUnavailableError
+from kernelport.client.lanes import (
+    SERVER_OWNER,
+    Cancellation,
+    LaneLayout,
+    ModelInfo,
+    check_outputs,
+    validate_inputs,
+)
+from kernelport.errors import (
+    InferFailedError,
+    InvalidInputError,
+    KernelPortError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    ServerUnavailableError,
+)
 from kernelport.repository import ModelSpec, load_model, load_repository, validate_model_name
-from kernelport.server.models import READY, UNAVAILABLE, ModelRuntime, ServerOptions, scrub_paths
+from kernelport.server.external import MAX_TENSORS as EXTERNAL_MAX_TENSORS
+from kernelport.server.external import ExternalPlace, Place
+from kernelport.server.models import READY, UNAVAILABLE, ModelRuntime, ServerOptions, WorkerError, scrub_paths
+from kernelport.server.shm_registry import SharedMemoryRegion
 from kernelport.server.stats import StatsSnapshot, snapshot_from_counters
 
 log = logging.getLogger("kernelport.server")
@@ -258,14 +275,19 @@ class DataPlane:
               timeout: float | None = None, queue_timeout: float | None = None,
               cancel: Cancellation | None = None,
               output_sink: Callable[[str, np.ndarray], Any] | None = None, priority: int = 0,
-              tenant: str = "") -> dict[str, Any]:
+              tenant: str = "",
+              external: Mapping[tuple[str, str], ExternalPlace] | None = None) -> dict[str, Any]:
         """`queue_timeout` (seconds): the request's own queue timeout, honoured when the model's queue
         policy allows overriding its default. `cancel`: the caller's cancel switch (a gRPC call's
         cancellation or deadline): a request cancelled while queued gives its place back and is never
         run; RequestCancelledError. `output_sink`: see LaneView.run. `priority` (0: the model's default
-        level) and `tenant` choose the request's scheduling class (see kernelport.server.scheduling)."""
+        level) and `tenant` choose the request's scheduling class (see kernelport.server.scheduling).
+        `external`: tensors in clients' registered regions, by ("input" | "output", name): when the
+        request can be bound there (kernelport.server.external) the worker reads and writes them in
+        place; the outputs it wrote are marked `written` and returned as views of their region. When it
+        cannot, the inputs (views of the regions) are copied as usual and the outputs returned."""
         return self._infer(name, inputs, None, outputs, timeout, queue_timeout, cancel, output_sink, priority,
-                           tenant)
+                           tenant, external)
 
     def infer_checked(self, name: str, info: ModelInfo, arrays: Sequence[np.ndarray], n: int,
                       shapes: tuple[tuple[int, ...], ...], outputs: Sequence[str] | None = None,
@@ -286,7 +308,8 @@ class DataPlane:
                outputs: Sequence[str] | None, timeout: float | None, queue_timeout: float | None,
                cancel: Cancellation | None,
                output_sink: Callable[[str, np.ndarray], Any] | None = None, priority: int = 0,
-               tenant: str = "") -> dict[str, Any]:
+               tenant: str = "",
+               external: Mapping[tuple[str, str], ExternalPlace] | None = None) -> dict[str, Any]:
         for attempt in (0, 1):
             rt = self._runtime(name)
             info = rt.require_ready()
@@ -305,15 +328,94 @@ class DataPlane:
                 qt = min(qt, timeout) if qt else timeout
             try:
                 lane = rt.lane_for(shapes, caps, priority, tenant)
-                # guard: the server's inputs may be views of a client's registered shared memory
-                return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None, qt,
-                                     cancel, output_sink, guard=True)
+                binding = _bind_external(rt, lane.layout, n, external, outputs) if external else None
+                if binding is None:
+                    # guard: the server's inputs may be views of a client's registered shared memory
+                    return lane.view.run(SERVER_OWNER, arrays, n, timeout or DEFAULT_TIMEOUT, name, outputs, None,
+                                         qt, cancel, output_sink, guard=True)
+                assert external is not None
+                return _run_external(rt, lane, binding, external, arrays, n, timeout or DEFAULT_TIMEOUT, name,
+                                     outputs, qt, cancel, output_sink)
             except (_kpcore.LaneRetired, ModelNotReadyError) as e:
                 # evicted, or the model was reloaded meanwhile: the next lookup finds the new lane or model
                 replaced = self.models.get(name) is not rt
                 if attempt or not (isinstance(e, _kpcore.LaneRetired) or replaced):
                     raise
         raise AssertionError("unreachable")
+
+
+def _bind_external(rt: ModelRuntime, layout: LaneLayout, n: int,
+                   external: Mapping[tuple[str, str], ExternalPlace],
+                   wanted: Sequence[str] | None) -> tuple[Any, int, list[Place]] | None:
+    """(table, entry, places) binding the request's region tensors in the worker, or None when it
+    should not be (fewer region bytes than the model's `kernelport.shm_bind_min_bytes`: such a request
+    takes a slot to itself, so it would no longer batch with others) or cannot be (BYTES, too many
+    tensors, an output sharing rows with an input in a region, the table full): the caller copies."""
+    if rt.external is None or len(layout.tensors) > EXTERNAL_MAX_TENSORS:
+        return None
+    k = layout.n_inputs
+    places: list[Place] = []
+    regions = {}
+    for i, t in enumerate(layout.tensors):
+        kind = "input" if i < k else "output"
+        p = external.get((kind, t.name))
+        if p is None or (kind == "output" and wanted is not None and t.name not in wanted):
+            places.append((0, 0, 0))
+            continue
+        if t.is_bytes or not isinstance(p.region, SharedMemoryRegion):
+            return None
+        nbytes = n * t.row_bytes
+        if kind == "output" and nbytes > p.byte_size:  # said before running, not after
+            raise InvalidInputError(f"model '{rt.name}' output '{t.name}': shared memory byte size "
+                                    f"{p.byte_size} is too small for the {nbytes}-byte result")
+        if nbytes != p.byte_size and kind == "input":
+            return None  # the copying path says what is wrong
+        places.append((p.region.uid, p.region.offset + p.offset, nbytes))
+        regions[p.region.uid] = p.region
+    if not regions or sum(p[2] for p in places) < rt.shm_bind_min_bytes:
+        return None  # small tensors: copying them costs less than giving up batching with others
+    for i, j in enumerate(layout.aliases):
+        if j >= 0 and places[i][0] == 0 and places[j][0] != 0:
+            return None  # this output's rows are its input's, which stay in the client's region
+    for region in regions.values():
+        if not region.intact():
+            return None  # the copying path reports the shrunk region
+        try:
+            rt.map_region(region)
+        except WorkerError as e:  # a worker could not map it (or is gone): copy instead
+            log.warning("model '%s': shared memory region '%s' not mapped in its workers: %s", rt.name,
+                        region.name, e)
+            return None
+    index = rt.external.reserve()
+    if index is None:
+        return None
+    return rt.external, index, places
+
+
+def _run_external(rt: ModelRuntime, lane: Any, binding: tuple[Any, int, list[Place]],
+                  external: Mapping[tuple[str, str], ExternalPlace], arrays: list[np.ndarray], n: int,
+                  timeout: float, name: str, outputs: Sequence[str] | None, qt: float,
+                  cancel: Cancellation | None, output_sink: Callable[[str, np.ndarray], Any] | None) -> dict[str, Any]:
+    table, index, places = binding
+    try:
+        out = lane.view.run(SERVER_OWNER, arrays, n, timeout, name, outputs, None, qt, cancel, output_sink,
+                            guard=True, external=binding)
+    except InferFailedError:
+        for p in external.values():  # a worker that found its region shrunk dropped it: map it afresh
+            if isinstance(p.region, SharedMemoryRegion):
+                rt.forget_region(p.region)
+        raise
+    finally:
+        table.free(index)
+    layout = lane.layout
+    k = layout.n_inputs
+    for i, t in enumerate(layout.tensors[k:], start=k):
+        if places[i][0]:
+            p = external[("output", t.name)]
+            shape = ((n,) if layout.batching else ()) + tuple(t.dims)
+            out[t.name] = p.region.view_array(f"model '{name}' output '{t.name}'", p.offset, t.dtype, shape)
+            p.written = True
+    return out
 
 
 def model_signature(repository: str, name: str) -> tuple[tuple[str, int, int], ...]:

@@ -39,9 +39,13 @@ from kernelport.repository import (
     config_type_to_datatype,
     config_type_to_numpy,
 )
+from kernelport.server.external import TABLE_BYTES, ExternalTable
 from kernelport.server.scheduling import SchedulingPolicy, TenantClasses, check_tenant, sched_key
+from kernelport.server.shm_registry import SharedMemoryRegion
 
 log = logging.getLogger("kernelport.server")
+
+DEFAULT_SHM_BIND_MIN_BYTES = 256 * 1024  # see _shm_bind_min_bytes
 
 # How the server's own request handlers (gRPC, HTTP) wait for their batch: a short spin, then sleep; no
 # yielding. Dozens of handler threads yielding on a few cores take the CPU the worker and the other handlers
@@ -175,6 +179,10 @@ class ModelRuntime:
         self.workers: list[WorkerHandle] = []
         self.doorbell: Any = None
         self.stats: Any = None  # _kpcore.StatsBlock, kept by the workers
+        self.external: ExternalTable | None = None  # requests bound to client regions (server/external.py)
+        self.shm_bind_min_bytes = DEFAULT_SHM_BIND_MIN_BYTES
+        self.mapped_regions: set[int] = set()  # client regions mapped in the current workers, by uid
+        self.region_lock = threading.Lock()
         self.lanes: dict[str, LaneEntry] = {}
         self.pending_lanes: dict[str, _PendingLane] = {}  # lanes being mapped in the workers
         self.level_queues: dict[int, int] = {}  # priority level -> its own max_queue_size
@@ -305,12 +313,16 @@ class ModelRuntime:
         self.evicted_tenant_counters = {}  # lane counters start again with the stats
         policy = batch_policy(spec, self.options.commit_timeout)
         policy.update(_policy_overrides(spec.parameters))
+        self.external = ExternalTable.create(self.name)
+        self.shm_bind_min_bytes = _shm_bind_min_bytes(spec.parameters, self.name)
+        with self.region_lock:
+            self.mapped_regions = set()
         for w in self.workers:
-            fds = (seg.dup_fd(), stats_seg.dup_fd())
+            fds = (seg.dup_fd(), stats_seg.dup_fd(), self.external.segment.dup_fd())
             try:
                 completed = config.SerializeToString()
                 w.call(("start", {"policy": policy, "batching": spec.max_batch_size > 0, "max_rows": max_rows,
-                                  "stats_size": stats_seg.size,
+                                  "stats_size": stats_seg.size, "external_size": TABLE_BYTES,
                                   "config": completed if completed != config_bytes else None}), fds=fds)
             finally:
                 for fd in fds:
@@ -571,6 +583,38 @@ class ModelRuntime:
                 os.close(fd)
         return LaneEntry(layout, seg, view, time.monotonic(), tenant)
 
+    def map_region(self, region: SharedMemoryRegion) -> None:
+        """Map a client's registered region in every worker (once), for requests bound to it; it is
+        unmapped there when the region closes."""
+        with self.region_lock:
+            if region.uid in self.mapped_regions:
+                return
+            workers = list(self.workers)
+            for w in workers:
+                fd = region.dup_fd()
+                try:
+                    w.call(("region", region.uid, region.map_size), fds=(fd,))
+                finally:
+                    os.close(fd)
+            self.mapped_regions.add(region.uid)
+        region.on_close.append(self._unmap_region)
+
+    def _unmap_region(self, region: SharedMemoryRegion) -> None:
+        with self.region_lock:
+            if region.uid not in self.mapped_regions:
+                return  # the workers were replaced since: theirs never had it
+            self.mapped_regions.discard(region.uid)
+            for w in list(self.workers):
+                try:
+                    w.call(("unregion", region.uid))
+                except WorkerError as e:
+                    log.debug("model '%s': unmapping a region: %s", self.name, e)
+
+    def forget_region(self, region: SharedMemoryRegion) -> None:
+        """A worker found the region shrunk and dropped it: map it again on its next use."""
+        with self.region_lock:
+            self.mapped_regions.discard(region.uid)
+
     def reclaim(self, owner: int) -> int:
         with self.lock:
             lanes = list(self.lanes.values())
@@ -673,6 +717,22 @@ def _warmup_file(filename: str, model_dir: str, dtype: np.dtype[Any], dims: tupl
         raise ConfigError(f"{label}: warmup/{filename} holds {len(data)} bytes, one sample needs {need}")
     one = np.frombuffer(data, dtype).reshape(dims)
     return np.ascontiguousarray(np.broadcast_to(one, shape))
+
+
+def _shm_bind_min_bytes(params: dict[str, str], model: str) -> int:
+    """`kernelport.shm_bind_min_bytes`: a request with at least this many bytes of tensors in clients'
+    registered regions is bound there in the worker (no copy, but a batch of its own); -1: never."""
+    raw = params.get("kernelport.shm_bind_min_bytes")
+    if raw is None:
+        return DEFAULT_SHM_BIND_MIN_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -2
+    if value < -1:
+        raise ConfigError(f"model '{model}': parameter kernelport.shm_bind_min_bytes must be a byte count "
+                          f"or -1 (never), got {raw[:40]!r}")
+    return value if value >= 0 else 2**63
 
 
 def _client_spin(params: dict[str, str], model: str) -> float | None:

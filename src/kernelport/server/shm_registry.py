@@ -29,12 +29,14 @@ guard=True)`, which the data plane always asks for.
 from __future__ import annotations
 
 import _posixshmem  # the stdlib's shm_open (what multiprocessing.shared_memory uses)
+import itertools
+import logging
 import mmap
 import os
 import re
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -58,6 +60,7 @@ __all__ = [
 _KEY_RE = re.compile(r"[A-Za-z0-9._-]{1,250}")
 _NAME_MAX = 256
 UINT64_MAX = 2**64 - 1
+log = logging.getLogger("kernelport.server")
 DEFAULT_RESERVED_PREFIXES: tuple[str, ...] = ("kernelport", "kp_", "kp-")
 
 
@@ -108,18 +111,50 @@ def check_range(what: str, offset: int, byte_size: int, limit: int) -> None:
         )
 
 
+_region_ids = itertools.count(1)
+
+
 class SharedMemoryRegion:
-    """One registered region: a mapping of [0, offset+byte_size) of the client's object."""
+    """One registered region: a mapping of [0, offset+byte_size) of the client's object.
+
+    `uid` names it to the model workers that map it too (kernelport.server.external); `on_close`
+    callbacks run once when it is closed (its last request done after unregistering), so they unmap it."""
 
     def __init__(self, name: str, key: str, offset: int, byte_size: int, fd: int, mapping: mmap.mmap) -> None:
         self.name = name
         self.key = key
         self.offset = offset
         self.byte_size = byte_size
+        self.uid = next(_region_ids)
         self._fd = fd
         self._mmap: mmap.mmap | None = mapping
         self._users = 0
         self._retired = False
+        self.on_close: list[Callable[[SharedMemoryRegion], None]] = []
+        self._close_lock = threading.Lock()
+
+    @property
+    def map_size(self) -> int:
+        """The bytes of the object that are mapped: up to the region's end."""
+        return self.offset + self.byte_size
+
+    def dup_fd(self) -> int:
+        """A new descriptor of the client's object, to hand to a worker."""
+        if self._fd < 0:
+            raise RegionNotFoundError(f"shared memory region '{self.name}' is unregistered")
+        return os.dup(self._fd)
+
+    def intact(self) -> bool:
+        """The object still covers the whole region (the client may have shrunk it)."""
+        return self._fd >= 0 and os.fstat(self._fd).st_size >= self.offset + self.byte_size
+
+    def view_array(self, what: str, offset: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+        """A read-only array over the region at `offset` (something else wrote it: a worker)."""
+        count = int(np.prod(shape, dtype=np.int64))
+        mapping, start = self._checked_span(what, offset, count * dtype.itemsize)
+        arr = np.frombuffer(mapping, dtype=dtype, count=count, offset=start).reshape(shape)
+        arr.flags.writeable = False
+        return arr
 
     def info(self) -> RegionInfo:
         return RegionInfo(self.name, self.key, self.offset, self.byte_size)
@@ -188,6 +223,13 @@ class SharedMemoryRegion:
 
     def close(self) -> None:
         """Unmap and close. Views still alive keep the mapping until they die (no use-after-unmap)."""
+        with self._close_lock:
+            callbacks, self.on_close = self.on_close, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:  # a worker gone meanwhile: nothing left to unmap there
+                log.debug("unmapping region '%s' in a worker failed", self.name, exc_info=True)
         mapping, self._mmap = self._mmap, None
         if mapping is not None:
             try:

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -25,8 +26,11 @@ import _kpcore
 from kernelport.client import bytes_codec
 from kernelport.client.lanes import LaneLayout, LaneView
 from kernelport.repository import ModelSpec
+from kernelport.server.external import ExternalTable, Place
 
 log = logging.getLogger("kernelport.worker")
+
+EXTERNAL_RUNNERS = 16  # bindings to client regions kept (a client reusing its places reuses them)
 
 
 @dataclass
@@ -56,6 +60,9 @@ class Worker:
         self.raw_lanes: list[Any] = []
         self.sched = _kpcore.Scheduler()  # priority levels and tenant shares among the lanes
         self.runners: dict[tuple[int, int, int], Callable[[], None]] = {}
+        self.external: ExternalTable | None = None  # requests with tensors in client regions
+        self.regions: dict[int, _kpcore.FencedMapping] = {}  # client regions mapped here, by id
+        self.external_runners: OrderedDict[tuple[Any, ...], Callable[[], None]] = OrderedDict()
         self.batching = True
         self.parent = os.getppid()
 
@@ -90,6 +97,9 @@ class Worker:
         fd = recv_handle(self.conn)
         self.stats = _kpcore.StatsBlock(_kpcore.Segment.from_fd(fd, int(payload["stats_size"])),
                                         int(payload["max_rows"]))
+        if payload.get("external_size"):
+            fd = recv_handle(self.conn)
+            self.external = ExternalTable(_kpcore.Segment.from_fd(fd, int(payload["external_size"])))
         self.policy = BatchPolicy.from_dict(payload["policy"])
         self.batching = bool(payload["batching"])
         self.conn.send(("started", None))
@@ -122,6 +132,18 @@ class Worker:
                     self.runners.clear()
                     self._schedule()
                 self.conn.send(("ok", lane_id))
+            elif op == "region":  # map a client's registered region (id, bytes) for external requests
+                fd = recv_handle(self.conn)
+                try:
+                    self.regions[int(msg[1])] = _kpcore.FencedMapping(fd, int(msg[2]))
+                    self.external_runners.clear()  # a region mapped again: bindings to the old one go
+                    self.conn.send(("ok", msg[1]))
+                except Exception as e:
+                    self.conn.send(("error", f"cannot map the shared memory region: {e}"))
+            elif op == "unregion":
+                self.regions.pop(int(msg[1]), None)
+                self.external_runners.clear()  # they hold views of it
+                self.conn.send(("ok", msg[1]))
             elif op == "shapes":
                 try:
                     shapes = self.backend.output_shapes({k: tuple(v) for k, v in msg[1].items()})
@@ -158,6 +180,59 @@ class Worker:
             self.runners[key] = r
         return r
 
+    def external_runner(self, lane_index: int, seq: int, samples: int,
+                        places: tuple[Place, ...]) -> tuple[Callable[[], None], list[_kpcore.FencedMapping]]:
+        """The runner of a request whose tensors (some of them) are in client regions: bound to the
+        regions' memory where the entry says so, to the slot's rows elsewhere. Also the mappings it
+        uses, to check before and after the run."""
+        view = self.lanes[lane_index]
+        lay = view.layout
+        if len(places) != len(lay.tensors) or samples < 1 or samples > lay.max_batch:
+            raise ValueError("the external entry does not match the lane")
+        key = (lay.lane_id, seq % lay.nslots, samples, places)
+        rows = view.rows(seq, 0, samples)
+        maps = []
+        for region, _, _ in places:
+            if region:
+                m = self.regions.get(region)
+                if m is None:
+                    raise ValueError("the request's shared memory region is not mapped in this worker")
+                maps.append(m)
+        r = self.external_runners.get(key)
+        if r is not None:
+            self.external_runners.move_to_end(key)
+            return r, maps
+        arrays = []
+        for t, rowset, (region, offset, nbytes) in zip(lay.tensors, rows, places):
+            if not region:
+                arrays.append(rowset)
+                continue
+            m = self.regions[region]
+            if t.is_bytes or nbytes != rowset.nbytes or offset > m.nbytes or nbytes > m.nbytes - offset:
+                raise ValueError(f"tensor '{t.name}': its place in the shared memory region does not fit it")
+            arrays.append(np.frombuffer(memoryview(m), dtype=rowset.dtype, count=rowset.size, offset=offset)
+                          .reshape(rowset.shape))
+        k = lay.n_inputs
+        names = [t.name for t in lay.tensors]
+        r = self.backend.bind(dict(zip(names[:k], arrays[:k])), dict(zip(names[k:], arrays[k:])))
+        self.external_runners[key] = r
+        while len(self.external_runners) > EXTERNAL_RUNNERS:
+            self.external_runners.popitem(last=False)
+        return r, maps
+
+    def run_external(self, lane_index: int, seq: int, samples: int, places: tuple[Place, ...]) -> None:
+        run, maps = self.external_runner(lane_index, seq, samples, places)
+        if not all(m.intact() for m in maps):
+            raise ValueError("the shared memory region shrank below its registered size")
+        run()
+        if any(m.faulted for m in maps):
+            # its pages are private zeros now: forget it (the server maps it again for a later request)
+            for rid, m in list(self.regions.items()):
+                if m.faulted:
+                    del self.regions[rid]
+            self.external_runners.clear()
+            raise ValueError("the shared memory region shrank while the request ran")
+
     def _bytes_runner(self, tensors: Any, rows: list[Any], k: int) -> Callable[[], None]:
         """BYTES tensors cannot be bound in place: decode the inputs, run, encode the outputs (one copy
         each way)."""
@@ -182,6 +257,7 @@ class Worker:
         clock = time.perf_counter_ns
         stats = self.stats
         sched = self.sched
+        external = self.external
         while True:
             rc = next_batch(self.raw_lanes, self.bell, p.window, p.close_at, p.commit_timeout, 0.1,
                             p.pause_iters, p.idle_spin, sched)
@@ -192,13 +268,18 @@ class Worker:
                     lane.complete(seq, 0, "", stats, 0)
                     continue
                 t0 = clock()
+                ext = external.find(self.lane_ids[li], seq) if external is not None and external.busy() else None
                 try:
-                    self.runner(li, seq, n)()
+                    if ext is None:
+                        self.runner(li, seq, n)()
+                    else:
+                        self.run_external(li, seq, ext[0], ext[1])
                 except Exception as e:
                     log.warning("model '%s': batch of %d failed: %s", self.model, n, e)
-                    lane.complete(seq, 1, f"{type(e).__name__}: {e}"[:230], stats, clock() - t0)
+                    lane.complete(seq, 1, f"{type(e).__name__}: {e}"[:230], stats, clock() - t0,
+                                  0 if ext is None else ext[0])
                 else:
-                    lane.complete(seq, 0, "", stats, clock() - t0)
+                    lane.complete(seq, 0, "", stats, clock() - t0, 0 if ext is None else ext[0])
                 continue
             if os.getppid() != self.parent:
                 return  # the server is gone
