@@ -232,9 +232,10 @@ class NativeGrpcServer:
             with self._lock:
                 while self._in_flight() and time.monotonic() < deadline:
                     self._lock.wait(min(0.05, max(0.0, deadline - time.monotonic())))
-            self.h2.stop()
+            self.h2.stop()  # every waiting thread gets None; calls still running find their connection gone
+            join_by = time.monotonic() + 5.0
             for t in self._threads:
-                t.join(timeout=5.0)
+                t.join(timeout=max(0.0, join_by - time.monotonic()))
             self._stream_pool.shutdown(wait=False, cancel_futures=True)
             self.servicer.close()
             self._stopped.set()
