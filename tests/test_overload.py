@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
+import threading
+import urllib.request
 
 import numpy as np
 import pytest
@@ -34,11 +35,8 @@ def overload_server(example_repo: str, tmp_path_factory: pytest.TempPathFactory)
     shutil.copytree(os.path.join(example_repo, "add_sub"), os.path.join(repo, "add_sub"))
     for name, policy in POLICIES.items():
         add_sub_variant(repo, name, policy)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = ServerProcess(repo, str(tmp_path_factory.mktemp("ov") / "kp.sock"), "--grpc-port", str(port))
-    srv.grpc_url = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
+    srv = ServerProcess.with_ports(repo, str(tmp_path_factory.mktemp("ov") / "kp.sock"), grpc=True, http=True)
+    srv.grpc_url = f"127.0.0.1:{srv.grpc_port}"  # type: ignore[attr-defined]
     yield srv
     assert srv.stop() == 0, srv.log()
 
@@ -51,6 +49,17 @@ def _grpc_inputs(a: np.ndarray) -> tuple[grpcclient.InferInput, grpcclient.Infer
         t.set_data_from_numpy(a)
         inputs.append(t)
     return inputs[0], inputs[1]
+
+
+def _metric(srv: ServerProcess, name: str, **labels: str) -> float:
+    """The sum of the /metrics samples of `name` that carry these labels (0 when none)."""
+    total = 0.0
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.http_port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            series, _, value = line.rpartition(" ")
+            if series.split("{")[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+                total += float(value)
+    return total
 
 
 def _fill(req, value: float) -> None:
@@ -73,6 +82,28 @@ def test_full_queue_is_refused_at_once(overload_server: ServerProcess) -> None:
         with pytest.raises(InferenceServerException) as e:
             g.infer(model, [i0, i1])
         assert "RESOURCE_EXHAUSTED" in str(e.value.status())
+        assert "queue is full" in e.value.message()
+        if os.environ.get("KERNELPORT_GRPC_ENGINE", "native") == "native":
+            # the native engine refuses it on its loop thread, once its admission table has the model
+            # (refreshed every 0.2 s): the same status and message, counted in its own metric
+            refused_in_loop = 0.0
+            for _ in range(100):
+                with pytest.raises(InferenceServerException) as e:
+                    g.infer(model, [i0, i1])
+                assert "RESOURCE_EXHAUSTED" in str(e.value.status()), e.value
+                assert e.value.message() == f"model '{model}': the queue is full (max_queue_size)"
+                refused_in_loop = _metric(overload_server, "kp_grpc_native_admission_rejections_total")
+                if refused_in_loop:
+                    break
+                threading.Event().wait(0.05)
+            assert refused_in_loop >= 1
+            # with parameters (which may choose another queue) the data plane decides: refused there
+            with pytest.raises(InferenceServerException) as e:
+                g.infer(model, [i0, i1], timeout=1_000_000)
+            assert "RESOURCE_EXHAUSTED" in str(e.value.status())
+            assert _metric(overload_server, "kp_grpc_native_admission_rejections_total") == refused_in_loop
+            # counted as the model's rejections, as the data plane's own refusals are
+            assert _metric(overload_server, "nv_inference_request_failure", model=model, reason="REJECTED") >= 2
         # the queued ones give their places back; the queue takes requests again
         for r in held:
             r.release()

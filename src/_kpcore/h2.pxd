@@ -31,6 +31,7 @@ cdef extern from "kp_h2.h" nogil:
         uint64_t cancels_total
         uint64_t conns_total
         uint64_t protocol_errors
+        uint64_t rejected_total
 
     kp_h2_server *kp_h2_create(const char *host, int port, int nmethods, const char *const *paths,
                                const uint32_t *path_lens, const uint8_t *streaming, uint64_t max_msg,
@@ -49,6 +50,8 @@ cdef extern from "kp_h2.h" nogil:
     void kp_h2_consumed(kp_h2_server *s, uint64_t call_id, uint32_t n)
     int kp_h2_active(kp_h2_server *s, uint64_t call_id)
     void kp_h2_peer(kp_h2_server *s, uint64_t call_id, char *out, size_t cap)
+    void kp_h2_set_infer_method(kp_h2_server *s, int method)
+    int kp_h2_set_admission(kp_h2_server *s, const char *name, uint32_t nlen, void *db)
 
 
 cdef extern from "kp_hpack.h" nogil:
@@ -65,3 +68,4 @@ cdef extern from "kp_hpack.h" nogil:
 cdef class H2Server:
     cdef kp_h2_server *s
     cdef object _methods
+    cdef object _admit

@@ -56,6 +56,7 @@ cdef class H2Server:
         cdef uint8_t *streaming = <uint8_t *>malloc(n + 1)
         encoded = [path.encode("ascii") for path, _ in methods]
         self._methods = tuple(methods)
+        self._admit = {}  # model -> the Doorbell the admission table points into (kept mapped)
         host_b = host.strip("[]").encode("ascii")
         try:
             if paths == NULL or lens == NULL or streaming == NULL:
@@ -179,9 +180,32 @@ cdef class H2Server:
         kp_h2_peer(self.s, call_id, buf, sizeof(buf))
         return buf.decode("ascii", "replace")
 
+    def set_infer_method(self, int method):
+        """Check calls of method index `method` (ModelInfer; -1: none) against the admission table."""
+        kp_h2_set_infer_method(self.s, method)
+
+    def set_admission(self, str model, doorbell=None):
+        """Refuse ModelInfer for `model` on the loop thread while its doorbell says its queue is full
+        (a `_kpcore.Doorbell`, kept referenced here while the table points into it); None removes the
+        model. False when the table is full or the name too long."""
+        name = model.encode("utf-8")
+        cdef size_t address = 0 if doorbell is None else <size_t>doorbell.segment.address
+        cdef int rc = kp_h2_set_admission(self.s, name, <uint32_t>len(name), <void *>address)
+        # after the call no reader holds the old pointer (the table's lock): the old doorbell may go
+        if doorbell is None or rc != 0:
+            self._admit.pop(model, None)
+        else:
+            self._admit[model] = doorbell
+        return rc == 0
+
+    def admitted(self):
+        """The models the admission table checks."""
+        return sorted(self._admit)
+
     def stats(self) -> dict:
         return {"calls": self.s.calls_total, "cancels": self.s.cancels_total,
-                "connections": self.s.conns_total, "protocol_errors": self.s.protocol_errors}
+                "connections": self.s.conns_total, "protocol_errors": self.s.protocol_errors,
+                "rejected": self.s.rejected_total}
 
 
 cdef int _collect(void *arg, const char *name, uint32_t nlen, const char *value, uint32_t vlen) noexcept with gil:

@@ -43,6 +43,7 @@
 #include <unistd.h>
 
 #include "kp_hpack.h"
+#include "kp_lane.h" /* kp_doorbell: the admission check below reads a model's queue counters */
 
 /* frame types */
 enum { KP_F_DATA = 0, KP_F_HEADERS = 1, KP_F_PRIORITY = 2, KP_F_RST = 3, KP_F_SETTINGS = 4, KP_F_PUSH = 5,
@@ -74,6 +75,9 @@ enum { KP_H2_ENC_IDENTITY = 0, KP_H2_ENC_GZIP = 1, KP_H2_ENC_DEFLATE = 2, KP_H2_
 #define KP_H2_OUT_HIGH (4u << 20)             /* stop framing response DATA above this much unsent */
 #define KP_H2_DEFAULT_WINDOW 65535u
 #define KP_H2_PREFACE_TIMEOUT 10.0           /* seconds to send the connection preface and SETTINGS */
+
+#define KP_H2_ADMIT_MAX 256  /* models the admission check knows */
+#define KP_H2_ADMIT_NAME 256 /* bytes of a model name it compares (longer names are not checked) */
 
 typedef struct kp_h2_item {
     struct kp_h2_item *next;
@@ -184,6 +188,16 @@ typedef struct {
     kp_h2_item *qhead[2], *qtail[2];
     int qclosed;
     uint64_t calls_total, cancels_total, conns_total, protocol_errors;
+    /* admission: ModelInfer of a model whose queue is full is refused here, without a Python thread */
+    pthread_mutex_t admu;
+    int infer_method; /* the method index of ModelInfer; -1: no admission check */
+    int nadmit;
+    struct {
+        char name[KP_H2_ADMIT_NAME];
+        uint32_t nlen;
+        kp_doorbell *db; /* kept mapped by the Python side while it is in this table */
+    } admit[KP_H2_ADMIT_MAX];
+    uint64_t rejected_total;
 } kp_h2_server;
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -934,6 +948,122 @@ static void kp_h2_on_headers(kp_h2_server *s, kp_h2_conn *c) {
 }
 
 /* The request side of a unary-request call ended: hand over the call with its one message. */
+/* A varint at p[*off..n); -1 when it runs past the end or over 10 bytes. */
+static int kp_h2_pb_varint(const uint8_t *p, size_t n, size_t *off, uint64_t *v) {
+    uint64_t r = 0;
+    for (int shift = 0; shift < 70 && *off < n; shift += 7) {
+        uint8_t b = p[(*off)++];
+        r |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *v = r;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* The model_name (field 1) of a serialized ModelInferRequest, and whether it has parameters (field 4:
+ * a priority, a timeout or a tenant may change which queue it joins). -1 when it does not parse: the
+ * Python handler then says what is wrong. */
+static int kp_h2_infer_model(const uint8_t *p, size_t n, const uint8_t **name, uint32_t *nlen, int *params) {
+    size_t off = 0;
+    *name = NULL;
+    *nlen = 0;
+    *params = 0;
+    while (off < n) {
+        uint64_t key, len;
+        if (kp_h2_pb_varint(p, n, &off, &key) < 0) return -1;
+        switch (key & 7) {
+        case 0:
+            if (kp_h2_pb_varint(p, n, &off, &len) < 0) return -1;
+            break;
+        case 1:
+            if (n - off < 8) return -1;
+            off += 8;
+            break;
+        case 5:
+            if (n - off < 4) return -1;
+            off += 4;
+            break;
+        case 2:
+            if (kp_h2_pb_varint(p, n, &off, &len) < 0 || len > n - off) return -1;
+            if (key >> 3 == 1) {
+                *name = p + off;
+                *nlen = (uint32_t)len;
+            } else if (key >> 3 == 4) {
+                *params = 1;
+            }
+            off += len;
+            break;
+        default:
+            return -1;
+        }
+    }
+    return *name ? 0 : -1;
+}
+
+/* ModelInfer for a model whose queue is full (its max_queue_size reached): refuse it here with the same
+ * status and message as the data plane (RESOURCE_EXHAUSTED), counted in the model's rejections, instead of
+ * waking a Python thread only to be refused. Requests with parameters go to Python (their queue may be a
+ * priority level's own). Returns 1 when the call was answered. */
+static int kp_h2_admit_refuse(kp_h2_server *s, kp_h2_conn *c, kp_h2_stream *st) {
+    const uint8_t *name;
+    uint32_t nlen;
+    int params, refuse = 0;
+    if (st->method != s->infer_method || !s->nadmit || st->umsg_compressed) return 0;
+    if (kp_h2_infer_model(st->umsg, st->umsg_len, &name, &nlen, &params) < 0 || params) return 0;
+    if (nlen == 0 || nlen >= KP_H2_ADMIT_NAME) return 0;
+    pthread_mutex_lock(&s->admu);
+    for (int i = 0; i < s->nadmit; i++) {
+        if (s->admit[i].nlen != nlen || memcmp(s->admit[i].name, name, nlen) != 0) continue;
+        kp_doorbell *d = s->admit[i].db;
+        uint32_t limit = atomic_load_explicit(&d->max_queue, KP_RELAXED);
+        if (limit && atomic_load_explicit(&d->queued, KP_ACQUIRE) >= limit) {
+            atomic_fetch_add_explicit(&d->rejected, 1, KP_RELAXED);
+            refuse = 1;
+        }
+        break;
+    }
+    pthread_mutex_unlock(&s->admu);
+    if (!refuse) return 0;
+    char msg[KP_H2_ADMIT_NAME + 64];
+    snprintf(msg, sizeof msg, "model '%.*s': the queue is full (max_queue_size)", (int)nlen, (const char *)name);
+    s->rejected_total++;
+    kp_h2_fail_stream(s, c, st, KP_G_RESOURCE, msg);
+    return 1;
+}
+
+/* Python side: check ModelInfer (method index `method`, -1: never) against these models' queues. */
+static void kp_h2_set_infer_method(kp_h2_server *s, int method) {
+    pthread_mutex_lock(&s->admu);
+    s->infer_method = method;
+    pthread_mutex_unlock(&s->admu);
+}
+
+/* Add or replace (db non-NULL) or remove (db NULL) a model in the admission table; -1 when it is full or
+ * the name too long. The caller keeps `db` mapped while it is in the table. */
+static int kp_h2_set_admission(kp_h2_server *s, const char *name, uint32_t nlen, kp_doorbell *db) {
+    int rc = 0, i;
+    if (nlen == 0 || nlen >= KP_H2_ADMIT_NAME) return -1;
+    pthread_mutex_lock(&s->admu);
+    for (i = 0; i < s->nadmit; i++)
+        if (s->admit[i].nlen == nlen && memcmp(s->admit[i].name, name, nlen) == 0) break;
+    if (db == NULL) {
+        if (i < s->nadmit) s->admit[i] = s->admit[--s->nadmit];
+    } else if (i < s->nadmit) {
+        s->admit[i].db = db;
+    } else if (s->nadmit < KP_H2_ADMIT_MAX) {
+        memcpy(s->admit[i].name, name, nlen);
+        s->admit[i].nlen = nlen;
+        s->admit[i].db = db;
+        s->nadmit++;
+    } else {
+        rc = -1;
+    }
+    pthread_mutex_unlock(&s->admu);
+    return rc;
+}
+
 static void kp_h2_deliver_unary(kp_h2_server *s, kp_h2_conn *c, kp_h2_stream *st) {
     if (st->pfx_have || st->msg) {
         kp_h2_fail_stream(s, c, st, KP_G_INTERNAL, "the request ended inside a message");
@@ -944,6 +1074,7 @@ static void kp_h2_deliver_unary(kp_h2_server *s, kp_h2_conn *c, kp_h2_stream *st
                           st->nmsgs ? "more than one request message for a unary call" : "missing request message");
         return;
     }
+    if (kp_h2_admit_refuse(s, c, st)) return;
     kp_h2_item *it = kp_h2_item_new(KP_H2_CALL, kp_h2_call_id(kp_h2_conn_slot(s, c), c->gen, st->id));
     if (!it) {
         kp_h2_fail_stream(s, c, st, KP_G_RESOURCE, "server out of memory");
@@ -1483,6 +1614,8 @@ static kp_h2_server *kp_h2_create(const char *host, int port, int nmethods, cons
     pthread_mutex_init(&s->qmu, NULL);
     pthread_cond_init(&s->qcv[0], NULL);
     pthread_cond_init(&s->qcv[1], NULL);
+    pthread_mutex_init(&s->admu, NULL);
+    s->infer_method = -1;
 
     struct sockaddr_storage addr;
     socklen_t alen;
@@ -1610,6 +1743,7 @@ static void kp_h2_free(kp_h2_server *s) {
     free(s->path_lens);
     free(s->streaming);
     for (int i = 0; i < s->max_conns; i++) pthread_mutex_destroy(&s->conns[i].mu);
+    pthread_mutex_destroy(&s->admu);
     free(s->conns);
     free(s);
 }

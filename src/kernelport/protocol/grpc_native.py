@@ -49,6 +49,7 @@ _EARLY_CANCELS = 4096  # cancellations remembered for calls not yet taken by a w
 # A streaming response waits while this much of it is unsent (the peer's window is closed).
 _SEND_BACKLOG = 16 << 20
 _MAX_HEADER_LIST = 16384  # grpcio's hard limit on request metadata
+ADMISSION_REFRESH_S = 0.2  # how soon the loop thread's admission table follows a model's new doorbell
 
 
 class _Aborted(Exception):
@@ -210,6 +211,19 @@ class NativeGrpcServer:
         self._threads.append(threading.Thread(target=self._dispatch, name="kp-h2-events", daemon=True))
         self._stopped = threading.Event()
         self._stopping = False
+        # Admission on the loop thread: a ModelInfer for a model whose queue is full is refused there
+        # (RESOURCE_EXHAUSTED, counted in the model's rejections) without waking a handler thread. Not
+        # with interceptors: a refusal must never answer a call that has not been authenticated.
+        self._admitted: dict[str, Any] = {}
+        from kernelport.protocol.grpc_frontend import SERVICE_NAME  # that module imports this one
+
+        infer = f"/{SERVICE_NAME}/ModelInfer"
+        if not self._interceptors and infer in self._by_path and hasattr(servicer.dp, "admission_doorbells"):
+            self.h2.set_infer_method(self._paths.index(infer))
+            self._threads.append(threading.Thread(target=self._admission, name="kp-h2-admission", daemon=True))
+        stats = getattr(servicer.dp, "frontend_stats", None)
+        if isinstance(stats, list):
+            stats.append(self.h2.stats)
 
     # -- grpc.Server-like surface --------------------------------------------------------------------
 
@@ -245,6 +259,22 @@ class NativeGrpcServer:
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
+
+    def _admission(self) -> None:
+        """Keep the loop thread's admission table in step with the models (loaded, reloaded, unloaded,
+        restarted: each time a new doorbell) every ADMISSION_REFRESH_S."""
+        while not self._stopped.wait(ADMISSION_REFRESH_S) and not self._stopping:
+            try:
+                want = self.servicer.dp.admission_doorbells()
+            except Exception:  # a model changing state meanwhile: the next round sees it settled
+                log.debug("admission refresh failed", exc_info=True)
+                continue
+            for name in [n for n in self._admitted if n not in want]:
+                self.h2.set_admission(name, None)
+                del self._admitted[name]
+            for name, bell in want.items():
+                if self._admitted.get(name) is not bell and self.h2.set_admission(name, bell):
+                    self._admitted[name] = bell
 
     def _in_flight(self) -> int:
         return int(self.h2.stats()["calls"]) - self._unary_done + self._streams_open

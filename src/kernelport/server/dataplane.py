@@ -52,6 +52,7 @@ class DataPlane:
         self.lock = threading.RLock()
         self.control_lock = threading.RLock()  # one load, unload or rescan at a time
         self.signatures: dict[str, tuple[tuple[str, int, int], ...]] = {}  # poll mode: files last seen
+        self.frontend_stats: list[Callable[[], dict[str, int]]] = []  # front ends' own counters (metrics)
 
     # ---- repository ----
 
@@ -264,6 +265,20 @@ class DataPlane:
         rt = self._runtime(name)
         out = rt.counters()
         out["queued"] = int(rt.doorbell.queued) if rt.doorbell is not None else 0
+        return out
+
+    def admission_doorbells(self) -> dict[str, Any]:
+        """Per ready model, the doorbell whose queue counters decide at once that a request without
+        parameters would be refused (its default priority level has no queue of its own): what a front
+        end may check before it spends anything on the request (the native gRPC engine's loop thread)."""
+        with self.lock:
+            models = list(self.models.items())
+        out: dict[str, Any] = {}
+        for name, rt in models:
+            info = rt.info
+            if rt.state == READY and rt.doorbell is not None and info is not None:
+                if info.level(0) not in rt.level_queues:
+                    out[name] = rt.doorbell
         return out
 
     def tenant_counters(self, name: str) -> dict[str, dict[str, int]]:
