@@ -827,6 +827,22 @@ static int kp_h2_method_index(kp_h2_server *s, const char *path, int len) {
 static void kp_h2_deliver_unary(kp_h2_server *s, kp_h2_conn *c, kp_h2_stream *st);
 
 /* A complete header block for stream hstream. Caller holds c->mu. */
+/* The item that hands a call to Python, taking the stream's metadata; NULL when out of memory (the
+ * stream is then failed). */
+static kp_h2_item *kp_h2_call_item(kp_h2_server *s, kp_h2_conn *c, kp_h2_stream *st, int kind) {
+    kp_h2_item *it = kp_h2_item_new(kind, kp_h2_call_id(kp_h2_conn_slot(s, c), c->gen, st->id));
+    if (!it) {
+        kp_h2_fail_stream(s, c, st, KP_G_RESOURCE, "server out of memory");
+        return NULL;
+    }
+    it->method = st->method;
+    it->deadline = st->deadline;
+    it->meta = st->meta;
+    it->meta_len = st->meta_len;
+    st->meta = NULL;
+    return it;
+}
+
 static void kp_h2_on_headers(kp_h2_server *s, kp_h2_conn *c) {
     uint32_t sid = c->hstream;
     int end_stream = (c->hflags & KP_FL_END_STREAM) != 0;
@@ -926,16 +942,8 @@ static void kp_h2_on_headers(kp_h2_server *s, kp_h2_conn *c) {
     }
     st->client_streaming = s->streaming[st->method];
     if (st->client_streaming) {
-        kp_h2_item *it = kp_h2_item_new(KP_H2_START, kp_h2_call_id(kp_h2_conn_slot(s, c), c->gen, sid));
-        if (!it) {
-            kp_h2_fail_stream(s, c, st, KP_G_RESOURCE, "server out of memory");
-            return;
-        }
-        it->method = st->method;
-        it->deadline = st->deadline;
-        it->meta = st->meta;
-        it->meta_len = st->meta_len;
-        st->meta = NULL;
+        kp_h2_item *it = kp_h2_call_item(s, c, st, KP_H2_START);
+        if (!it) return;
         st->dispatched = 1;
         kp_h2_push(s, KP_H2_Q_EVENTS, it);
         if (end_stream) {
@@ -1075,19 +1083,11 @@ static void kp_h2_deliver_unary(kp_h2_server *s, kp_h2_conn *c, kp_h2_stream *st
         return;
     }
     if (kp_h2_admit_refuse(s, c, st)) return;
-    kp_h2_item *it = kp_h2_item_new(KP_H2_CALL, kp_h2_call_id(kp_h2_conn_slot(s, c), c->gen, st->id));
-    if (!it) {
-        kp_h2_fail_stream(s, c, st, KP_G_RESOURCE, "server out of memory");
-        return;
-    }
-    it->method = st->method;
-    it->deadline = st->deadline;
-    it->meta = st->meta;
-    it->meta_len = st->meta_len;
+    kp_h2_item *it = kp_h2_call_item(s, c, st, KP_H2_CALL);
+    if (!it) return;
     it->data = st->umsg;
     it->len = st->umsg_len;
     it->compressed = st->umsg_compressed;
-    st->meta = NULL;
     st->umsg = NULL;
     st->dispatched = 1;
     s->calls_total++;
