@@ -31,6 +31,7 @@ from __future__ import annotations
 import _posixshmem  # the stdlib's shm_open (what multiprocessing.shared_memory uses)
 import itertools
 import logging
+import math
 import mmap
 import os
 import re
@@ -150,7 +151,7 @@ class SharedMemoryRegion:
 
     def view_array(self, what: str, offset: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
         """A read-only array over the region at `offset` (something else wrote it: a worker)."""
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         mapping, start = self._checked_span(what, offset, count * dtype.itemsize)
         arr = np.frombuffer(mapping, dtype=dtype, count=count, offset=start).reshape(shape)
         arr.flags.writeable = False
