@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from kernelport.benchmark.measure import reap_clients
 from kernelport.benchmark.requesters import (  # noqa: F401 (re-exported for the bench scripts)
     REQUESTERS,
     GrpcRaw,
@@ -141,10 +142,4 @@ def stop_clients(conns: Sequence[Connection], procs: Sequence[Any]) -> None:
             c.send(None)
         except OSError:
             pass
-    for p in procs:
-        p.join(10)
-        if p.is_alive():
-            p.terminate()
-            p.join(5)
-    for c in conns:
-        c.close()
+    reap_clients(conns, procs)

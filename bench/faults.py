@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from _bench_clients import stop_clients
+from _machine import ForeignLoad
 from kernelport.server.process import ServerProcess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -440,54 +441,6 @@ def run_overload(args: argparse.Namespace, local: Clients, grpc: Clients, grpc_u
     return result
 
 
-# ---- machine state -----------------------------------------------------------------------------------
-
-
-def _cpu_busy() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + v[4]
-    return sum(v) - idle, sum(v)
-
-
-def _tree_cpu(root: int) -> int:
-    """Jiffies used by a process and its live descendants."""
-    parent, used = {}, {}
-    for e in os.listdir("/proc"):
-        if e.isdigit():
-            try:
-                with open(f"/proc/{e}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parent[int(e)], used[int(e)] = int(fields[1]), int(fields[11]) + int(fields[12])
-    tree, grew = {root}, True
-    while grew:
-        grew = False
-        for pid, pp in parent.items():
-            if pp in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
-    return sum(used.get(p, 0) for p in tree)
-
-
-def _reaped() -> int:
-    t = os.times()
-    return round((t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK"))
-
-
-class Others:
-    """The share of the machine's CPU that processes outside this benchmark used over an interval."""
-
-    def __init__(self) -> None:
-        self.start = (*_cpu_busy(), _tree_cpu(os.getpid()) + _reaped())
-
-    def fraction(self) -> float:
-        end = (*_cpu_busy(), _tree_cpu(os.getpid()) + _reaped())
-        busy, total, ours = (e - s for e, s in zip(end, self.start))
-        return round(min(1.0, max(0.0, (busy - ours) / total)), 3) if total > 0 else 0.0
-
-
 # ---- main --------------------------------------------------------------------------------------------
 
 
@@ -557,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = _dt.datetime.now(_dt.timezone.utc)
     json_path = args.json or os.path.join(HERE, "results", f"faults-{started:%Y%m%dT%H%M%SZ}.json")
     load_before = [round(x, 2) for x in os.getloadavg()]
-    others = Others()
+    others = ForeignLoad()
     with tempfile.TemporaryDirectory(prefix="kp-faults-") as tmp:
         repo = os.path.join(tmp, "repo")
         build_repository(repo, args.max_queue_size, args.bounded_layers, args.model_weight)
@@ -607,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "git_commit": _git_commit()},
         "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
-        "others_cpu": others.fraction(),
+        "others_cpu": round(others.fraction() or 0.0, 3),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "kills": kills, "overload": overload, "summary": summary,
         "figures": [(n, v, lim, v is not None and v <= lim) for n, v, lim in figures],

@@ -75,6 +75,7 @@ from _bench_clients import (
     stop_clients,
 )
 from _bench_models import BACKEND_MODELS, FLOORS, build_backend_models, load_weights, reference
+from _machine import CpuUse, ForeignLoad, cpu_times
 from kernelport import Client
 from kernelport.benchmark.measure import percentiles_us, time_calls, time_for
 from kernelport.server.process import ServerProcess, free_port
@@ -197,96 +198,6 @@ def floor_framework(model: str) -> str:
 
 
 # ---- measuring ---------------------------------------------------------------------------------------
-
-
-def _cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
-def _proc_table() -> tuple[dict[int, int], dict[int, int]]:
-    """(parent pid, utime + stime jiffies) of every live process."""
-    parent: dict[int, int] = {}
-    used: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        pid = int(entry)
-        parent[pid] = int(fields[1])
-        used[pid] = int(fields[11]) + int(fields[12])
-    return parent, used
-
-
-def _subtree_cpu(roots: Sequence[int], parent: Mapping[int, int], used: Mapping[int, int]) -> int:
-    tree = set(roots)
-    grew = True
-    while grew:
-        grew = False
-        for pid, ppid in parent.items():
-            if ppid in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
-    return sum(used.get(pid, 0) for pid in tree)
-
-
-def _our_cpu() -> int:
-    """Jiffies used by this process, the children it reaped, and every live descendant (the server, its
-    workers, the client processes)."""
-    parent, used = _proc_table()
-    t = os.times()
-    reaped = round((t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK"))
-    return _subtree_cpu([os.getpid()], parent, used) + reaped
-
-
-class CpuUse:
-    """CPU cores used over an interval by named process trees (the server with its workers; the clients)."""
-
-    def __init__(self, trees: Mapping[str, Sequence[int]]) -> None:
-        self.trees = {name: list(roots) for name, roots in trees.items() if roots}
-        self._t0 = time.monotonic()
-        self._start = self._sample()
-
-    def _sample(self) -> dict[str, int]:
-        parent, used = _proc_table()
-        return {name: _subtree_cpu(roots, parent, used) for name, roots in self.trees.items()}
-
-    def cores(self) -> dict[str, float]:
-        wall = time.monotonic() - self._t0
-        end = self._sample()
-        hz = os.sysconf("SC_CLK_TCK")
-        return {name: (end[name] - self._start[name]) / hz / wall for name in self.trees} if wall > 0 else {}
-
-
-class ForeignLoad:
-    """The share of the machine's CPU time that processes outside this benchmark used over an interval.
-    These machines are shared: another tenant's busy core moves the spinning paths most, so each row
-    records it."""
-
-    def __init__(self) -> None:
-        self._start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[int, int, int] | None:
-        try:
-            busy, total = _cpu_times()
-            return busy, total, _our_cpu()
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def fraction(self) -> float | None:
-        end = self._sample()
-        if self._start is None or end is None or end[1] <= self._start[1]:
-            return None
-        busy, total, ours = (e - s for e, s in zip(end, self._start))
-        return min(1.0, max(0.0, (busy - ours) / total))
 
 
 def counters_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
@@ -704,9 +615,9 @@ def background_load(seconds: float = 1.0) -> dict[str, Any]:
     """What else the machine is doing, while this benchmark does nothing: CPU busy fraction over
     `seconds` and the load averages. These machines are shared; a busy one moves the spinning paths most."""
     try:
-        b0, t0 = _cpu_times()
+        b0, t0 = cpu_times()
         time.sleep(seconds)
-        b1, t1 = _cpu_times()
+        b1, t1 = cpu_times()
         busy = (b1 - b0) / (t1 - t0) if t1 > t0 else None
     except (OSError, ValueError, IndexError):
         busy = None

@@ -246,15 +246,21 @@ static kp_h2_item *kp_h2_item_new(int kind, uint64_t call_id) {
     return it;
 }
 
-/* Blocks until an item is queued or the server is closed (NULL). */
-static kp_h2_item *kp_h2_next(kp_h2_server *s, int q) {
-    pthread_mutex_lock(&s->qmu);
-    while (!s->qhead[q] && !s->qclosed) pthread_cond_wait(&s->qcv[q], &s->qmu);
+/* The head of queue q, unlinked, or NULL; the caller holds qmu. */
+static kp_h2_item *kp_h2_pop_locked(kp_h2_server *s, int q) {
     kp_h2_item *it = s->qhead[q];
     if (it) {
         s->qhead[q] = it->next;
         if (!s->qhead[q]) s->qtail[q] = NULL;
     }
+    return it;
+}
+
+/* Blocks until an item is queued or the server is closed (NULL). */
+static kp_h2_item *kp_h2_next(kp_h2_server *s, int q) {
+    pthread_mutex_lock(&s->qmu);
+    while (!s->qhead[q] && !s->qclosed) pthread_cond_wait(&s->qcv[q], &s->qmu);
+    kp_h2_item *it = kp_h2_pop_locked(s, q);
     pthread_mutex_unlock(&s->qmu);
     return it;
 }
@@ -262,11 +268,7 @@ static kp_h2_item *kp_h2_next(kp_h2_server *s, int q) {
 /* The next item if one is queued, else NULL at once (lets a caller holding the GIL skip releasing it). */
 static kp_h2_item *kp_h2_try_next(kp_h2_server *s, int q) {
     pthread_mutex_lock(&s->qmu);
-    kp_h2_item *it = s->qhead[q];
-    if (it) {
-        s->qhead[q] = it->next;
-        if (!s->qhead[q]) s->qtail[q] = NULL;
-    }
+    kp_h2_item *it = kp_h2_pop_locked(s, q);
     pthread_mutex_unlock(&s->qmu);
     return it;
 }

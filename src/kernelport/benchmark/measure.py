@@ -21,7 +21,8 @@ import numpy as np
 
 from kernelport.benchmark.requesters import REQUESTERS, Target, error_kind
 
-__all__ = ["ClientJob", "Summary", "percentiles_us", "run_clients", "summarize", "time_calls", "time_for"]
+__all__ = ["ClientJob", "Summary", "percentiles_us", "reap_clients", "run_clients", "summarize", "time_calls",
+           "time_for"]
 
 MAX_CONSECUTIVE_ERRORS = 100  # then the server is not just slow: that client stops and says so
 PERCENTILES = (50.0, 90.0, 99.0)
@@ -217,13 +218,18 @@ def run_clients(job: ClientJob, target: Target, concurrency: int, *,
         return [ClientResult(int(r[1]), int(r[2]), np.frombuffer(r[3], dtype=np.int64), dict(r[4]), str(r[5]))
                 for r in replies]
     finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-        for c in conns:
-            c.close()
+        reap_clients(conns, procs)
+
+
+def reap_clients(conns: Sequence[Connection], procs: Sequence[Any]) -> None:
+    """Wait for client processes to leave (10 s), kill those that do not, close their pipes."""
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.terminate()
+            p.join(5)
+    for c in conns:
+        c.close()
 
 
 def _run_in_thread(job: ClientJob, target: Target, at_start: Callable[[], None],

@@ -66,6 +66,14 @@ _NV_COUNTERS: tuple[tuple[str, str, str | None], ...] = (
 )
 
 # KernelPort's lane counters: (metric name, help, lane counter key)
+# The native gRPC engine's own counters (`H2Server.stats()` keys), through `DataPlane.frontend_stats`.
+_FRONTEND_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("kp_grpc_native_calls_total", "Calls the native gRPC engine handed to its handler threads", "calls"),
+    ("kp_grpc_native_admission_rejections_total",
+     "ModelInfer calls the native gRPC engine refused on its loop thread (queue full)", "rejected"),
+    ("kp_grpc_native_connections_total", "Connections the native gRPC engine accepted", "connections"),
+)
+
 _LANE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("kp_lane_claims_total", "Requests that claimed rows in a lane", "claims"),
     ("kp_lane_batches_total", "Batches the workers took from the lanes", "batches"),
@@ -137,14 +145,9 @@ class _Families:
                           "Times the server restarted the model's workers after a crash (since it was loaded)")
         self.tenant_requests = f("kp_tenant_requests_total", "counter",
                                  "Requests that claimed rows, by tenant (\"\": no tenant, or beyond max_tenants)")
-        self.grpc_calls = f("kp_grpc_native_calls_total", "counter",
-                            "Calls the native gRPC engine handed to its handler threads")
-        self.grpc_rejected = f("kp_grpc_native_admission_rejections_total", "counter",
-                               "ModelInfer calls the native gRPC engine refused on its loop thread (queue full)")
-        self.grpc_conns = f("kp_grpc_native_connections_total", "counter",
-                            "Connections the native gRPC engine accepted")
         self.tenant_rows = f("kp_tenant_batch_rows_total", "counter",
                              "Rows the workers took, by tenant: each tenant's share of executions")
+        self.frontend = [(f(name, "counter", text), key) for name, text, key in _FRONTEND_COUNTERS]
 
     def new(self, name: str, kind: str, help_text: str) -> MetricFamily:
         fam = MetricFamily(name, kind, help_text)
@@ -186,9 +189,8 @@ class Collector:
             for key in set(self._floors) - live:
                 del self._floors[key]
         for stats in [f() for f in getattr(self.dp, "frontend_stats", ())]:  # the native gRPC engine's
-            fam.grpc_calls.add(int(stats.get("calls", 0)), {})
-            fam.grpc_rejected.add(int(stats.get("rejected", 0)), {})
-            fam.grpc_conns.add(int(stats.get("connections", 0)), {})
+            for family, stat in fam.frontend:
+                family.add(int(stats.get(stat, 0)), {})
         for name in sorted(set(getattr(self.dp, "load_errors", {})) - {n for n, _ in models}):
             for s in MODEL_STATES:  # in the repository, but its configuration did not even parse
                 fam.state.add(1 if s == "UNAVAILABLE" else 0, {"model": name, "state": s})

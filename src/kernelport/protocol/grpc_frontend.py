@@ -735,7 +735,8 @@ class InferenceServicer:
                     regions[region_name] = stack.enter_context(self.shm.use(region_name))
                 return regions[region_name]
 
-            inputs = self._decode_inputs(spec, request, region)
+            shm_inputs: dict[str, _ShmRef] = {}
+            inputs = self._decode_inputs(spec, request, region, shm_inputs)
             out_plan = self._plan_outputs(spec, request)
             timeout = _timeout(request, deadline_s)
             wanted = [o.name for o in out_plan] if len(request.outputs) else None
@@ -744,10 +745,9 @@ class InferenceServicer:
             written: set[str] = set()
             # tensors in system regions: the worker may read and write them there (server/external.py)
             external: dict[tuple[str, str], ExternalPlace] = {}
-            for t in request.inputs:
-                ref = _shm_ref(t.parameters, "")
-                if ref is not None and isinstance(regions.get(ref.region), SharedMemoryRegion):
-                    external[("input", t.name)] = ExternalPlace(regions[ref.region], ref.offset, ref.byte_size)
+            for in_name, ref in shm_inputs.items():
+                if isinstance(regions.get(ref.region), SharedMemoryRegion):
+                    external[("input", in_name)] = ExternalPlace(regions[ref.region], ref.offset, ref.byte_size)
             for p in to_regions.values():
                 assert p.shm is not None
                 r = region(p.shm.region)
@@ -829,8 +829,11 @@ class InferenceServicer:
         return resp
 
     def _decode_inputs(
-        self, spec: Any, request: Any, region: Callable[[str], SharedMemoryRegion]
+        self, spec: Any, request: Any, region: Callable[[str], SharedMemoryRegion],
+        shm_inputs: dict[str, _ShmRef] | None = None,
     ) -> dict[str, np.ndarray]:
+        """The request's inputs as arrays (views of their regions for those in shared memory, whose
+        references go in `shm_inputs` when given)."""
         model = spec.name
         by_name = {t.name: t for t in spec.inputs}
         batching = spec.max_batch_size > 0
@@ -893,6 +896,9 @@ class InferenceServicer:
                 batch = shape[0]
             count = math.prod(shape)  # Python ints: exact, no overflow
             decoded[t.name] = self._decode_one(what, ts, t, shape, count, raw_for[i], shm_refs[i], region)
+            ref = shm_refs[i]
+            if shm_inputs is not None and ref is not None:
+                shm_inputs[t.name] = ref
 
         missing = [t.name for t in spec.inputs if t.name not in decoded and not getattr(t, "optional", False)]
         if missing:

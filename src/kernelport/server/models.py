@@ -597,7 +597,8 @@ class ModelRuntime:
                 finally:
                     os.close(fd)
             self.mapped_regions.add(region.uid)
-        region.on_close.append(self._unmap_region)
+            if self._unmap_region not in region.on_close:  # mapped again after a worker dropped it
+                region.on_close.append(self._unmap_region)
 
     def _unmap_region(self, region: SharedMemoryRegion) -> None:
         with self.region_lock:
